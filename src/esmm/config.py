@@ -1,0 +1,294 @@
+"""Typed configuration: one YAML file drives train, evaluate and predict.
+
+The YAML is validated by pydantic models that reject unknown keys, so a typo such as
+``train.optimiser`` fails with its path instead of being ignored. Any key can be overridden
+from the command line with ``--set path.to.key=value`` (values are parsed as YAML scalars, so
+``--set train.optimizer.lr=0.01`` gives a float and ``--set model.tower=[64,32]`` a list).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from esmm.errors import ConfigError
+
+ALICCP_USER_FIELDS = ("101", "121", "122", "124", "125", "126", "127", "128", "129")
+ALICCP_USER_BAGS = ("109_14", "110_14", "127_14", "150_14")
+ALICCP_ITEM_FIELDS = ("205", "206", "207", "216")
+ALICCP_ITEM_BAGS = ("210",)
+ALICCP_COMBO_FIELDS = ("508", "509", "702", "853")
+ALICCP_CONTEXT_FIELDS = ("301",)
+
+# Hash-bucket sizes for the `aliccp` feature preset, roughly the distinct-id counts of the
+# real train split (user ids ~0.4M, items ~4.3M are cut to keep tables in memory on a laptop).
+_ALICCP_BUCKETS = {
+    "101": 200_000, "121": 100, "122": 20, "124": 5, "125": 10, "126": 5, "127": 5,
+    "128": 5, "129": 10, "109_14": 20_000, "110_14": 200_000, "127_14": 100_000,
+    "150_14": 50_000, "205": 500_000, "206": 10_000, "207": 200_000, "216": 100_000,
+    "210": 100_000, "508": 50_000, "509": 200_000, "702": 100_000, "853": 100_000, "301": 10,
+}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LabelsConfig(_Strict):
+    """Names of the label columns in the data."""
+
+    click: str = "click"
+    conversion: str = "conversion"
+
+
+class DataConfig(_Strict):
+    """Where the data lives and how to read it.
+
+    ``train`` / ``eval`` / ``test`` are a Parquet file, a folder of Parquet files, a CSV file, or a
+    normalized folder holding ``impressions.parquet`` and ``users.parquet`` joined by ``user_key``.
+    """
+
+    train: str | None = None
+    eval: str | None = None
+    test: str | None = None
+    format: Literal["auto", "parquet", "csv"] = "auto"
+    labels: LabelsConfig = Field(default_factory=LabelsConfig)
+    user_column: str | None = "101"
+    user_key: str = "common_key"
+    weight_column: str | None = None
+    conversion_without_click: Literal["drop", "error", "keep"] = "drop"
+    csv_header: bool = True
+    csv_columns: list[str] | None = None
+
+    @field_validator("user_column", "user_key", "weight_column", mode="before")
+    @classmethod
+    def _int_to_str(cls, v: Any) -> Any:
+        # Ali-CCP field ids look like integers; YAML would read `101` as an int.
+        return str(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+
+class FeatureConfig(_Strict):
+    """One input field.
+
+    ``categorical``: one id per row, hashed into ``buckets`` rows of an embedding table.
+    ``multi_categorical``: a list of ids per row (a bag), pooled by ``pooling``.
+    ``dense``: one float per row, fed to the towers beside the embeddings.
+    """
+
+    name: str
+    kind: Literal["categorical", "multi_categorical", "dense"] = "categorical"
+    buckets: int | None = Field(default=None, gt=0)
+    dim: int | None = Field(default=None, gt=0)
+    pooling: Literal["sum", "mean"] = "mean"
+
+    @field_validator("name", mode="before")
+    @classmethod
+    def _int_to_str(cls, v: Any) -> Any:
+        return str(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+    @model_validator(mode="after")
+    def _check_kind(self) -> FeatureConfig:
+        if self.kind != "dense" and self.buckets is None:
+            raise ValueError(f"feature {self.name!r} of kind {self.kind!r} needs `buckets` (> 0)")
+        return self
+
+
+class ModelConfig(_Strict):
+    """Which model and its shape. Every tower is ``tower`` hidden layers then one logit."""
+
+    name: str = "esmm"
+    tower: list[int] = Field(default_factory=lambda: [360, 200, 80])
+    embedding_dim: int = Field(default=18, gt=0)
+    activation: Literal["relu", "gelu", "tanh"] = "relu"
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    batch_norm: bool = False
+
+    @field_validator("tower")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if not v or any(h <= 0 for h in v):
+            raise ValueError(f"tower must be a non-empty list of positive widths, got {v}")
+        return v
+
+
+class OptimizerConfig(_Strict):
+    name: Literal["adam", "adamw", "adagrad", "sgd"] = "adam"
+    lr: float = Field(default=1e-3, gt=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = Field(default=0.0, ge=0)
+
+
+class SparseOptimizerConfig(_Strict):
+    """Optimizer for embedding tables. ``sparse_adam``/``adagrad``/``sgd`` update only the rows a
+    batch touches; ``dense`` hands embeddings to the dense optimizer (every row every step)."""
+
+    name: Literal["sparse_adam", "adagrad", "sgd", "dense"] = "sparse_adam"
+    lr: float | None = Field(default=None, gt=0)
+
+
+class EarlyStopConfig(_Strict):
+    """Stop when ``metric`` on the eval split has not improved for ``patience`` evaluations.
+    ``metric: auto`` uses the model's declared monitor (``ctcvr_auc`` for the ESMM family)."""
+
+    metric: str = "auto"
+    mode: Literal["max", "min"] = "max"
+    patience: int | None = Field(default=3, ge=1)
+
+
+class TrainConfig(_Strict):
+    batch_size: int = Field(default=1024, gt=0)
+    epochs: int = Field(default=1, gt=0)
+    max_steps: int | None = Field(default=None, gt=0)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    sparse_optimizer: SparseOptimizerConfig = Field(default_factory=SparseOptimizerConfig)
+    seed: int = 7
+    eval_every: int | None = Field(default=None, gt=0)
+    eval_batch_size: int = Field(default=8192, gt=0)
+    early_stop: EarlyStopConfig = Field(default_factory=EarlyStopConfig)
+    num_threads: int | None = Field(default=None, gt=0)
+    progress: Literal["auto", "on", "off"] = "auto"
+
+
+class Config(_Strict):
+    data: DataConfig = Field(default_factory=DataConfig)
+    features: list[FeatureConfig] = Field(default_factory=list)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @field_validator("features", mode="before")
+    @classmethod
+    def _expand_preset(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return feature_preset(v)
+        return v
+
+    @model_validator(mode="after")
+    def _check_features(self) -> Config:
+        names = [f.name for f in self.features]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"features are listed more than once: {dup}")
+        labels = {self.data.labels.click, self.data.labels.conversion}
+        leak = sorted(labels & set(names))
+        if leak:
+            raise ValueError(
+                f"label column(s) {leak} are listed as features: a model would see its own label. "
+                "Remove them from `features`."
+            )
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def feature_preset(name: str, buckets_scale: float = 1.0) -> list[dict[str, Any]]:
+    """Expand a named feature preset (``aliccp``: every Ali-CCP field) into feature dicts."""
+    if name not in ("aliccp", "all"):
+        raise ValueError(f"unknown feature preset {name!r}; "
+                         "expected 'aliccp' or a list of features")
+    out: list[dict[str, Any]] = []
+    singles = ALICCP_USER_FIELDS + ALICCP_ITEM_FIELDS + ALICCP_COMBO_FIELDS + ALICCP_CONTEXT_FIELDS
+    for f in singles:
+        out.append({"name": f, "kind": "categorical",
+                    "buckets": max(1, int(_ALICCP_BUCKETS[f] * buckets_scale))})
+    for f in ALICCP_USER_BAGS + ALICCP_ITEM_BAGS:
+        out.append({"name": f, "kind": "multi_categorical",
+                    "buckets": max(1, int(_ALICCP_BUCKETS[f] * buckets_scale)), "pooling": "mean"})
+    return out
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see `esmm train --help` and docs/config.md)"
+        got = e.get("input")
+        got_s = "" if e["type"] == "extra_forbidden" or isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"  {path}: {msg}{got_s}")
+    return "\n".join(lines)
+
+
+def _set_path(tree: dict[str, Any], path: str, value: Any, source: str) -> None:
+    parts = path.split(".")
+    node: Any = tree
+    for i, p in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not p.isdigit() or int(p) >= len(node):
+                raise ConfigError(
+                    f"{source}: `{path}`: `{p}` is not an index of the {len(node)}-item list "
+                    f"at `{'.'.join(parts[:i])}`"
+                )
+            if last:
+                node[int(p)] = value
+            else:
+                node = node[int(p)]
+            continue
+        if not isinstance(node, dict):
+            raise ConfigError(f"{source}: `{path}`: `{'.'.join(parts[:i])}` is not a mapping")
+        if last:
+            node[p] = value
+        else:
+            node = node.setdefault(p, {})
+
+
+def apply_overrides(tree: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """Apply ``a.b=v`` overrides to a raw config tree (values parsed as YAML)."""
+    tree = copy.deepcopy(tree)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected the form path.to.key=value")
+        path, raw = item.split("=", 1)
+        path = path.strip()
+        if not path:
+            raise ConfigError(f"--set {item!r}: the key path is empty")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {item!r}: value is not valid YAML: {e}") from None
+        _set_path(tree, path, value, f"--set {item}")
+    return tree
+
+
+def config_from_dict(tree: dict[str, Any], source: str = "<dict>") -> Config:
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, source)) from None
+
+
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
+    """Load a YAML config (or defaults when ``path`` is None) and apply ``--set`` overrides."""
+    tree: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p}: expected a mapping at the top level, "
+                              f"got {type(loaded).__name__}")
+        tree = loaded
+    if overrides:
+        tree = apply_overrides(tree, overrides)
+        source += " with --set " + " ".join(overrides)
+    return config_from_dict(tree, source)
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
