@@ -1,0 +1,296 @@
+"""Reading tables (Parquet, CSV, or a normalized impressions + users folder) and encoding them.
+
+Everything here is column-wise: Arrow columns go to numpy arrays without a per-row Python loop.
+A normalized folder (``impressions.parquet`` + ``users.parquet``, joined by ``data.user_key``)
+stays normalized: user fields are encoded once per user and joined to impressions at batch
+time, so a user's behaviour bags are stored and embedded once per batch, not once per impression.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from esmm.config import DataConfig
+from esmm.errors import ConfigError, DataError
+from esmm.features import FeatureSpec, encode_bag, encode_categorical, encode_dense
+
+log = logging.getLogger(__name__)
+
+GROUND_TRUTH_COLUMNS = ("p_click", "p_conversion", "conversion_if_clicked")
+
+
+@dataclass
+class RawTables:
+    """Arrow tables of one split before encoding."""
+
+    source: str
+    impressions: pa.Table
+    users: pa.Table | None = None
+
+
+@dataclass
+class EncodedData:
+    """One split, encoded and held in memory as numpy arrays.
+
+    N impressions, U users (U = 0 for flat tables). ``ids``/``bags``/``dense`` are over the N
+    impressions; ``user_ids``/``user_bags`` over the U users, joined by ``user_row`` (N,).
+    """
+
+    source: str
+    n: int
+    ids: dict[str, np.ndarray] = field(default_factory=dict)
+    bags: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    dense: np.ndarray | None = None  # (N, n_dense) float32
+    user_ids: dict[str, np.ndarray] = field(default_factory=dict)
+    user_bags: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    user_row: np.ndarray | None = None  # (N,) int64
+    n_users: int = 0
+    click: np.ndarray | None = None  # (N,) int8
+    conversion: np.ndarray | None = None  # (N,) int8
+    weight: np.ndarray | None = None  # (N,) float32
+    groups: np.ndarray | None = None  # (N,) user ids for GAUC
+    ground_truth: dict[str, np.ndarray] = field(default_factory=dict)
+    rows_read: int = 0
+    dropped_conversion_without_click: int = 0
+    kept_conversion_without_click: int = 0
+
+    @property
+    def has_labels(self) -> bool:
+        return self.click is not None
+
+
+def _parquet_files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    files = sorted(p for p in path.rglob("*.parquet") if p.is_file())
+    return files
+
+
+def _read_parquet(path: Path, columns: list[str] | None) -> pa.Table:
+    files = _parquet_files(path)
+    if not files:
+        raise DataError(f"{path}: no Parquet files found")
+    for f in files:
+        if f.stat().st_size == 0:
+            raise DataError(f"{f}: the file is empty (0 bytes)")
+    try:
+        if len(files) == 1:
+            schema_names = pq.read_schema(files[0]).names
+            cols = [c for c in columns if c in schema_names] if columns is not None else None
+            return pq.read_table(files[0], columns=cols)
+        ds = pads.dataset([str(f) for f in files], format="parquet")
+        cols = [c for c in columns if c in ds.schema.names] if columns is not None else None
+        return ds.to_table(columns=cols)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise DataError(f"{path}: cannot read as Parquet: {e}") from None
+
+
+def _read_csv(path: Path, cfg: DataConfig) -> pa.Table:
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: the file is empty (0 bytes)")
+    read_opts = pacsv.ReadOptions(
+        column_names=cfg.csv_columns if not cfg.csv_header else None,
+        autogenerate_column_names=(not cfg.csv_header and cfg.csv_columns is None),
+    )
+    try:
+        t = pacsv.read_csv(str(path), read_options=read_opts)
+    except pa.ArrowInvalid as e:
+        raise DataError(f"{path}: cannot parse as CSV: {e}") from None
+    return t
+
+
+def read_tables(path: str | Path, cfg: DataConfig, columns: list[str] | None = None) -> RawTables:
+    """Read one split.
+
+    ``path`` is a Parquet file, a folder of Parquet files, a CSV file, or a normalized folder
+    with ``impressions.parquet`` (or ``impressions/``) and ``users.parquet`` (or ``users/``).
+    """
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"{p}: no such file or folder")
+    fmt = cfg.format
+    if fmt == "auto":
+        fmt = "csv" if p.is_file() and p.suffix.lower() in (".csv", ".txt") else "parquet"
+    if fmt == "csv":
+        return RawTables(str(p), _read_csv(p, cfg))
+    imp = None
+    users = None
+    if p.is_dir():
+        for name in ("impressions.parquet", "impressions"):
+            if (p / name).exists():
+                imp = p / name
+        for name in ("users.parquet", "users"):
+            if (p / name).exists():
+                users = p / name
+    if imp is not None:
+        imp_t = _read_parquet(imp, columns)
+        users_t = _read_parquet(users, None) if users is not None else None
+        return RawTables(str(p), imp_t, users_t)
+    return RawTables(str(p), _read_parquet(p, columns))
+
+
+def _labels_array(t: pa.Table, col: str, source: str, what: str) -> np.ndarray:
+    if col not in t.column_names:
+        raise DataError(
+            f"{source}: the {what} label column {col!r} is missing; columns present: "
+            f"{sorted(t.column_names)[:30]}. Set `data.labels.{what}` to the right name."
+        )
+    arr = t.column(col)
+    if arr.null_count:
+        first = int(np.flatnonzero(arr.is_null().to_numpy(zero_copy_only=False))[0])
+        raise DataError(f"{source}: label column {col!r} has {arr.null_count} missing value(s), "
+                        f"first at row {first}; expected 0 or 1")
+    a = arr.to_numpy()
+    if a.dtype == bool:
+        return a.astype(np.int8)
+    if not np.issubdtype(a.dtype, np.number):
+        raise DataError(f"{source}: label column {col!r} has type {arr.type}; expected 0/1 numbers")
+    bad = (a != 0) & (a != 1)
+    if bad.any():
+        first = int(np.flatnonzero(bad)[0])
+        raise DataError(f"{source}: label column {col!r} must hold only 0 or 1; row {first} holds "
+                        f"{a[first]!r} ({int(bad.sum())} bad row(s) in all)")
+    return a.astype(np.int8)
+
+
+def needed_columns(spec: FeatureSpec, cfg: DataConfig) -> list[str]:
+    cols = [f.name for f in spec.fields]
+    cols += [cfg.labels.click, cfg.labels.conversion, cfg.user_key]
+    if cfg.user_column:
+        cols.append(cfg.user_column)
+    if cfg.weight_column:
+        cols.append(cfg.weight_column)
+    cols += list(GROUND_TRUTH_COLUMNS)
+    return list(dict.fromkeys(cols))
+
+
+def encode(raw: RawTables, spec: FeatureSpec, cfg: DataConfig, require_labels: bool = True
+           ) -> EncodedData:
+    """Validate and encode a split into numpy arrays (see :class:`EncodedData`)."""
+    src = raw.source
+    imp = raw.impressions
+    if imp.num_rows == 0:
+        raise DataError(f"{src}: the table has no rows")
+    users = raw.users
+    rows_read = imp.num_rows
+
+    # Labels first: rows may be dropped before any feature is encoded.
+    click = conversion = None
+    dropped = kept = 0
+    if require_labels:
+        click = _labels_array(imp, cfg.labels.click, src, "click")
+        conversion = _labels_array(imp, cfg.labels.conversion, src, "conversion")
+        bad = (conversion == 1) & (click == 0)
+        n_bad = int(bad.sum())
+        if n_bad:
+            policy = cfg.conversion_without_click
+            if policy == "error":
+                first = int(np.flatnonzero(bad)[0])
+                raise DataError(
+                    f"{src}: {n_bad} row(s) have conversion=1 with click=0 (first at row {first}); "
+                    "set `data.conversion_without_click: drop` (or keep) to go on"
+                )
+            if policy == "drop":
+                keep = ~bad
+                imp = imp.filter(pa.array(keep))
+                click, conversion = click[keep], conversion[keep]
+                dropped = n_bad
+                log.warning("%s: dropped %d row(s) with conversion=1 and click=0 "
+                            "(data.conversion_without_click=drop)", src, n_bad)
+            else:
+                kept = n_bad
+                log.warning("%s: kept %d row(s) with conversion=1 and click=0; they count as "
+                            "CTCVR negatives", src, n_bad)
+        if imp.num_rows == 0:
+            raise DataError(f"{src}: no rows left after dropping conversions without clicks")
+
+    out = EncodedData(source=src, n=imp.num_rows, click=click, conversion=conversion,
+                      rows_read=rows_read, dropped_conversion_without_click=dropped,
+                      kept_conversion_without_click=kept)
+
+    # Join impressions to users by key.
+    user_cols: set[str] = set()
+    if users is not None:
+        key = cfg.user_key
+        for t, what in ((imp, "impressions"), (users, "users")):
+            if key not in t.column_names:
+                raise DataError(f"{src}: the {what} table lacks the join key column {key!r} "
+                                "(data.user_key)")
+        ukeys = users.column(key).to_numpy(zero_copy_only=False)
+        ikeys = imp.column(key).to_numpy(zero_copy_only=False)
+        order = np.argsort(ukeys, kind="stable")
+        sk = ukeys[order]
+        if len(sk) > 1 and np.any(sk[1:] == sk[:-1]):
+            dup = sk[1:][sk[1:] == sk[:-1]][0]
+            raise DataError(f"{src}: users table has key {dup!r} more than once")
+        pos = np.searchsorted(sk, ikeys)
+        pos_c = np.minimum(pos, len(sk) - 1)
+        missing = sk[pos_c] != ikeys
+        if missing.any():
+            first = int(np.flatnonzero(missing)[0])
+            raise DataError(f"{src}: {int(missing.sum())} impression(s) have a {key!r} absent from "
+                            f"the users table (first at row {first}: {ikeys[first]!r})")
+        out.user_row = order[pos_c].astype(np.int64)
+        out.n_users = users.num_rows
+        user_cols = set(users.column_names) - {key}
+
+    dense_cols = []
+    for f in spec.fields:
+        on_user = f.name in user_cols and f.name not in imp.column_names
+        table = users if on_user else imp
+        if table is None or f.name not in table.column_names:
+            have = sorted(set(imp.column_names) | user_cols)
+            raise ConfigError(
+                f"feature {f.name!r} named in the config is not in the data {src}; "
+                f"columns present: {have[:40]}"
+            )
+        col = table.column(f.name)
+        where = f"{src} ({'users' if on_user else 'impressions'})"
+        if f.kind == "categorical":
+            (out.user_ids if on_user else out.ids)[f.name] = encode_categorical(col, f, where)
+        elif f.kind == "multi_categorical":
+            (out.user_bags if on_user else out.bags)[f.name] = encode_bag(col, f, where)
+        else:
+            v = encode_dense(col, f, where)
+            dense_cols.append(v[out.user_row] if on_user else v)
+    if dense_cols:
+        out.dense = np.stack(dense_cols, axis=1)  # (N, n_dense)
+
+    if cfg.weight_column:
+        if cfg.weight_column not in imp.column_names:
+            raise DataError(f"{src}: weight column {cfg.weight_column!r} (data.weight_column) "
+                            "is missing")
+        w = imp.column(cfg.weight_column).to_numpy(zero_copy_only=False).astype(np.float32)
+        if not np.all(np.isfinite(w)) or (w < 0).any():
+            raise DataError(f"{src}: weight column {cfg.weight_column!r} must hold finite "
+                            "values >= 0")
+        out.weight = w
+
+    uc = cfg.user_column
+    if uc:
+        if uc in imp.column_names:
+            out.groups = pc.fill_null(imp.column(uc), 0).to_numpy()
+        elif uc in user_cols and out.user_row is not None:
+            out.groups = pc.fill_null(users.column(uc), 0).to_numpy()[out.user_row]
+        else:
+            log.info("%s: user column %r not found; GAUC metrics are skipped", src, uc)
+    for g in GROUND_TRUTH_COLUMNS:
+        if g in imp.column_names:
+            out.ground_truth[g] = imp.column(g).to_numpy(zero_copy_only=False)
+    return out
+
+
+def load_split(path: str | Path, spec: FeatureSpec, cfg: DataConfig,
+               require_labels: bool = True) -> EncodedData:
+    """Read and encode one split (see :func:`read_tables` and :func:`encode`)."""
+    raw = read_tables(path, cfg, columns=needed_columns(spec, cfg))
+    return encode(raw, spec, cfg, require_labels=require_labels)

@@ -1,0 +1,21 @@
+"""Models behind one contract (see :mod:`esmm.models.base`)."""
+
+from __future__ import annotations
+
+from esmm.config import Config
+from esmm.errors import ConfigError
+from esmm.features import FeatureSpec
+from esmm.models import esmm as _esmm  # noqa: F401  (registers esmm, esmm_ns, base)
+from esmm.models.base import OUTPUT_NAMES, MultiTaskModel, get_factory, model_names
+
+__all__ = ["OUTPUT_NAMES", "MultiTaskModel", "build_model", "model_names"]
+
+
+def build_model(cfg: Config, spec: FeatureSpec) -> MultiTaskModel:
+    """Build the model named by ``cfg.model.name`` over the feature spec."""
+    factory = get_factory(cfg.model.name)
+    if factory is None:
+        raise ConfigError(f"model.name: unknown model {cfg.model.name!r}; "
+                          f"expected one of {model_names()}")
+    sparse = cfg.train.sparse_optimizer.name != "dense"
+    return factory(cfg.model, spec, sparse)
