@@ -1,0 +1,118 @@
+import csv
+import json
+
+import pytest
+import torch
+
+import esmm
+from esmm.errors import UsageError
+from esmm.train import load_checkpoint, load_model, save_atomic, train
+
+
+def _history(run):
+    with open(run / "history.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_run_directory_contents_and_learning(flat_data, cfg_factory, tmp_path):
+    cfg = cfg_factory(flat_data["train"], flat_data["valid"], eval_every=20)
+    res = train(cfg, tmp_path / "run")
+    run = tmp_path / "run"
+    for name in ("config.yaml", "history.csv", "metrics.json", "checkpoints/latest.pt",
+                 "checkpoints/best.pt"):
+        assert (run / name).is_file(), name
+    assert any((run / "tb").iterdir())
+    ck = load_checkpoint(run / "checkpoints" / "best.pt")
+    assert ck["config"] == cfg.to_dict()
+    assert ck["feature_spec"]["fields"][0]["name"] == "101"
+    assert ck["version"] == esmm.__version__ and ck["step"] == res.best_step
+    assert ck["best_metric"] == res.best_metric
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["split"] == "eval" and m["monitor"] == "ctcvr_auc"
+    # The signal in the fixture is strong: a trained model ranks clearly better than chance.
+    assert m["metrics"]["ctr_auc"] > 0.7
+    assert m["metrics"]["ctcvr_auc"] > 0.7
+    assert m["metrics"]["cvr_auc_entire_space"] > 0.6
+
+
+def test_best_checkpoint_is_the_best_evaluation(flat_data, cfg_factory, tmp_path):
+    cfg = cfg_factory(flat_data["train"], flat_data["valid"], eval_every=10, epochs=3,
+                      early_stop={"metric": "ctcvr_auc", "patience": 2})
+    res = train(cfg, tmp_path / "run")
+    hist = _history(tmp_path / "run")
+    best_row = max(hist, key=lambda r: float(r["ctcvr_auc"]))
+    assert int(best_row["step"]) == res.best_step
+    assert res.metrics["ctcvr_auc"] == pytest.approx(float(best_row["ctcvr_auc"]), abs=1e-12)
+    if res.stopped_early:
+        tail = [float(r["ctcvr_auc"]) for r in hist if int(r["step"]) > res.best_step]
+        assert len(tail) == 2 and max(tail) <= res.best_metric
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_resume_reproduces_uninterrupted_run(flat_data, cfg_factory, tmp_path):
+    cfg = cfg_factory(flat_data["train"], flat_data["valid"], eval_every=15, epochs=2)
+    full = train(cfg, tmp_path / "full")
+
+    def kill(step):
+        if step == 37:  # between checkpoints (taken at steps 15 and 30)
+            raise _Killed
+    with pytest.raises(_Killed):
+        train(cfg, tmp_path / "part", on_step=kill)
+    assert load_checkpoint(tmp_path / "part/checkpoints/latest.pt")["step"] == 30
+    resumed = train(cfg, tmp_path / "part", resume=True)
+    assert resumed.step == full.step and resumed.best_step == full.best_step
+    a = load_checkpoint(tmp_path / "full/checkpoints/latest.pt")["model"]
+    b = load_checkpoint(tmp_path / "part/checkpoints/latest.pt")["model"]
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert _history(tmp_path / "full") == [
+        {k: v for k, v in r.items() if k != "elapsed_s"} | {"elapsed_s": f["elapsed_s"]}
+        for r, f in zip(_history(tmp_path / "part"), _history(tmp_path / "full"), strict=True)
+    ]
+
+
+def test_refuses_to_overwrite_and_resume_needs_checkpoint(flat_data, cfg_factory, tmp_path):
+    cfg = cfg_factory(flat_data["train"], max_steps=3)
+    train(cfg, tmp_path / "run")
+    with pytest.raises(UsageError, match="--resume"):
+        train(cfg, tmp_path / "run")
+    with pytest.raises(UsageError, match="nothing to resume"):
+        train(cfg, tmp_path / "other", resume=True)
+
+
+@pytest.mark.parametrize("sparse", ["sparse_adam", "adagrad", "dense"])
+def test_sparse_and_dense_embedding_optimizers_train(flat_data, cfg_factory, tmp_path, sparse):
+    cfg = cfg_factory(flat_data["train"], flat_data["valid"], epochs=2,
+                      sparse_optimizer={"name": sparse, "lr": 0.05 if sparse == "adagrad" else None})
+    res = train(cfg, tmp_path / "run")
+    assert res.metrics["ctr_auc"] > 0.7
+    model, *_ = load_model(tmp_path / "run")
+    assert model.embedding.tables["205"].sparse == (sparse != "dense")
+
+
+def test_save_atomic_keeps_old_file_when_write_fails(tmp_path, monkeypatch):
+    path = tmp_path / "ck.pt"
+    save_atomic({"a": 1}, path)
+
+    def boom(obj, f):
+        f.write(b"partial")
+        raise OSError("disk full")
+    monkeypatch.setattr(torch, "save", boom)
+    with pytest.raises(OSError):
+        save_atomic({"a": 2}, path)
+    monkeypatch.undo()
+    assert load_checkpoint(path) == {"a": 1}
+
+
+def test_early_stopping_stops_after_patience_and_keeps_best(flat_data, cfg_factory, tmp_path):
+    # A constant metric never improves after the first evaluation: the run must stop after
+    # exactly `patience` further evaluations and keep the first checkpoint as best.
+    cfg = cfg_factory(flat_data["train"], flat_data["valid"], eval_every=5, epochs=5,
+                      early_stop={"metric": "n_impressions", "mode": "max", "patience": 3})
+    res = train(cfg, tmp_path / "run")
+    assert res.stopped_early and res.best_step == 5 and res.step == 20
+    assert [int(r["step"]) for r in _history(tmp_path / "run")] == [5, 10, 15, 20]
+    assert load_checkpoint(tmp_path / "run/checkpoints/best.pt")["step"] == 5
