@@ -1,0 +1,3 @@
+from esmm.cli import main
+
+main()
