@@ -58,7 +58,8 @@ def test_categorical_needs_buckets_and_no_duplicates():
     with pytest.raises(ConfigError, match="buckets"):
         config_from_dict({"features": [{"name": "205"}]})
     with pytest.raises(ConfigError, match="more than once"):
-        config_from_dict({"features": [{"name": "205", "buckets": 3}, {"name": "205", "buckets": 3}]})
+        config_from_dict({"features": [{"name": "205", "buckets": 3},
+                                       {"name": "205", "buckets": 3}]})
 
 
 def test_missing_and_malformed_files(tmp_path):

@@ -7,8 +7,15 @@ import pyarrow as pa
 import pytest
 
 from esmm.errors import DataError
-from esmm.features import (FieldSpec, encode_bag, encode_categorical, encode_dense,
-                           hash_int_ids, hash_str_ids, take_ragged)
+from esmm.features import (
+    FieldSpec,
+    encode_bag,
+    encode_categorical,
+    encode_dense,
+    hash_int_ids,
+    hash_str_ids,
+    take_ragged,
+)
 
 F = FieldSpec("205", "categorical", 1000, 8, "mean")
 

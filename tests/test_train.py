@@ -85,8 +85,9 @@ def test_refuses_to_overwrite_and_resume_needs_checkpoint(flat_data, cfg_factory
 
 @pytest.mark.parametrize("sparse", ["sparse_adam", "adagrad", "dense"])
 def test_sparse_and_dense_embedding_optimizers_train(flat_data, cfg_factory, tmp_path, sparse):
+    lr = 0.05 if sparse == "adagrad" else None
     cfg = cfg_factory(flat_data["train"], flat_data["valid"], epochs=2,
-                      sparse_optimizer={"name": sparse, "lr": 0.05 if sparse == "adagrad" else None})
+                      sparse_optimizer={"name": sparse, "lr": lr})
     res = train(cfg, tmp_path / "run")
     assert res.metrics["ctr_auc"] > 0.7
     model, *_ = load_model(tmp_path / "run")

@@ -148,6 +148,7 @@ class TrainConfig(_Strict):
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     sparse_optimizer: SparseOptimizerConfig = Field(default_factory=SparseOptimizerConfig)
     seed: int = 7
+    shuffle_block: int = Field(default=1, ge=1)
     eval_every: int | None = Field(default=None, gt=0)
     eval_batch_size: int = Field(default=8192, gt=0)
     early_stop: EarlyStopConfig = Field(default_factory=EarlyStopConfig)

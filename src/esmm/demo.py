@@ -43,7 +43,8 @@ def demo_config(data_dir: Path) -> dict[str, Any]:
         "features": "aliccp",
         "model": {"name": "esmm", "tower": [128, 64], "embedding_dim": 16},
         "train": {"batch_size": 2048, "epochs": 4, "optimizer": {"name": "adam", "lr": 0.002},
-                  "seed": 0, "early_stop": {"metric": "auto", "patience": 2}},
+                  "seed": 0, "shuffle_block": 64, "eval_every": 50,
+                  "early_stop": {"metric": "auto", "patience": 3}},
     }
 
 

@@ -293,7 +293,8 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False,
     try:
         while step < total_steps and epoch < tc.epochs:
             for batch in iter_batches(train_data, tc.batch_size, shuffle=True, seed=tc.seed,
-                                      epoch=epoch, start_batch=batch_in_epoch):
+                                      epoch=epoch, start_batch=batch_in_epoch,
+                                      block=tc.shuffle_block):
                 out = model(batch)
                 losses = model.losses(out, batch)
                 total = sum(losses.values())

@@ -67,18 +67,28 @@ def make_batch(data: EncodedData, rows: np.ndarray) -> Batch:
     return b
 
 
-def epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
-    """Row order of one epoch: a permutation fixed by (seed, epoch), or 0..n-1."""
+def epoch_order(n: int, seed: int, epoch: int, shuffle: bool, block: int = 1) -> np.ndarray:
+    """Row order of one epoch, fixed by (seed, epoch).
+
+    ``block > 1`` shuffles blocks of ``block`` consecutive rows instead of single rows: where
+    a user's impressions are consecutive (as in Ali-CCP logs) a batch then holds few distinct
+    users, and their long behaviour bags are embedded once for many impressions.
+    """
     if not shuffle:
         return np.arange(n, dtype=np.int64)
     rng = np.random.default_rng([seed, epoch])
-    return rng.permutation(n).astype(np.int64)
+    if block <= 1:
+        return rng.permutation(n).astype(np.int64)
+    n_blocks = (n + block - 1) // block
+    starts = rng.permutation(n_blocks).astype(np.int64) * block
+    order = (starts[:, None] + np.arange(block, dtype=np.int64)).reshape(-1)  # (n_blocks*block,)
+    return order[order < n]
 
 
 def iter_batches(data: EncodedData, batch_size: int, *, shuffle: bool = False, seed: int = 0,
-                 epoch: int = 0, start_batch: int = 0) -> Iterator[Batch]:
+                 epoch: int = 0, start_batch: int = 0, block: int = 1) -> Iterator[Batch]:
     """Yield the batches of one epoch, starting at batch ``start_batch`` (for resuming)."""
-    order = epoch_order(data.n, seed, epoch, shuffle)
+    order = epoch_order(data.n, seed, epoch, shuffle, block)
     for start in range(start_batch * batch_size, data.n, batch_size):
         yield make_batch(data, order[start:start + batch_size])
 
