@@ -29,7 +29,7 @@ from esmm.train import load_model, train
 
 log = logging.getLogger(__name__)
 
-DEMO_ROWS = 400_000
+DEMO_ROWS = 500_000
 SIM_SEED = 2018
 KEY_METRICS = ("cvr_auc_entire_space", "ctcvr_auc", "cvr_auc", "ctr_auc")
 DISPLAY = {"base": "BASE", "esmm_ns": "ESMM-NS", "esmm": "ESMM"}
