@@ -117,3 +117,13 @@ def test_early_stopping_stops_after_patience_and_keeps_best(flat_data, cfg_facto
     assert res.stopped_early and res.best_step == 5 and res.step == 20
     assert [int(r["step"]) for r in _history(tmp_path / "run")] == [5, 10, 15, 20]
     assert load_checkpoint(tmp_path / "run/checkpoints/best.pt")["step"] == 5
+
+
+def test_progress_bar_only_on_rank0_and_terminal(monkeypatch):
+    from esmm.train import _progress_enabled
+
+    monkeypatch.delenv("RANK", raising=False)
+    assert _progress_enabled("on") and not _progress_enabled("off")
+    assert _progress_enabled("auto") == __import__("sys").stderr.isatty()
+    monkeypatch.setenv("RANK", "1")
+    assert not _progress_enabled("on")
