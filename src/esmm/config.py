@@ -99,7 +99,16 @@ class FeatureConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    """Which model and its shape. Every tower is ``tower`` hidden layers then one logit."""
+    """Which model and its shape. Every tower is ``tower`` hidden layers then one logit.
+
+    Method options (read only by the method they name):
+        aman_rate: share of unclicked impressions AMAN uses as CVR negatives, in (0, 1].
+        oversample_k: copies of each clicked-and-converted impression in OVERSAMPLING's CVR
+            loss (>= 1; 1 is BASE).
+        unbias_clip: lower bound on the click propensity in UNBIAS's weights 1 / pCTR, in
+            (0, 1]; weights are at most 1 / unbias_clip.
+        division_clip: upper bound on DIVISION's pCVR = pCTCVR / pCTR, in (0, 1].
+    """
 
     name: str = "esmm"
     tower: list[int] = Field(default_factory=lambda: [360, 200, 80])
@@ -107,6 +116,10 @@ class ModelConfig(_Strict):
     activation: Literal["relu", "gelu", "tanh"] = "relu"
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     batch_norm: bool = False
+    aman_rate: float = Field(default=1.0, gt=0.0, le=1.0)
+    oversample_k: int = Field(default=5, ge=1)
+    unbias_clip: float = Field(default=0.01, gt=0.0, le=1.0)
+    division_clip: float = Field(default=1.0, gt=0.0, le=1.0)
 
     @field_validator("tower")
     @classmethod
@@ -134,10 +147,15 @@ class SparseOptimizerConfig(_Strict):
 
 class EarlyStopConfig(_Strict):
     """Stop when ``metric`` on the eval split has not improved for ``patience`` evaluations.
-    ``metric: auto`` uses the model's declared monitor (``ctcvr_auc`` for the ESMM family)."""
+
+    ``metric: auto`` uses the model's declared monitor: the validation log loss of the tasks it
+    is trained on (e.g. ``ctr_logloss+ctcvr_logloss`` for ESMM), which stays informative when
+    an eval split holds only a few dozen conversions and an AUC on them is mostly noise. A sum
+    of metrics is written with ``+``. ``mode: auto`` minimises log losses and maximises the rest.
+    """
 
     metric: str = "auto"
-    mode: Literal["max", "min"] = "max"
+    mode: Literal["auto", "max", "min"] = "auto"
     patience: int | None = Field(default=3, ge=1)
 
 

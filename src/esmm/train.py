@@ -162,8 +162,16 @@ def _is_better(value: float, best: float | None, mode: str) -> bool:
     return value > best if mode == "max" else value < best
 
 
-def _history_fields(loss_names: list[str], metric_names: list[str]) -> list[str]:
-    return ["step", "epoch", "samples", "elapsed_s", *loss_names, *metric_names]
+def monitor_value(metrics: dict[str, float], monitor: str) -> float:
+    """The monitored value: one metric, or a ``+``-separated sum of metrics."""
+    total = 0.0
+    for name in monitor.split("+"):
+        name = name.strip()
+        if name not in metrics:
+            raise ConfigError(f"train.early_stop.metric: {name!r} is not a metric; "
+                              f"available: {sorted(metrics)}")
+        total += float(metrics[name])
+    return total
 
 
 def train(cfg: Config, out_dir: str | Path, *, resume: bool = False,
@@ -217,6 +225,11 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False,
     opts = build_optimizers(model, cfg)
     monitor = tc.early_stop.metric if tc.early_stop.metric != "auto" else model.monitor
     mode = tc.early_stop.mode
+    if mode == "auto":
+        if tc.early_stop.metric == "auto":
+            mode = model.monitor_mode
+        else:
+            mode = "min" if "logloss" in monitor else "max"
 
     steps_per_epoch = num_batches(train_data.n, tc.batch_size)
     total_steps = steps_per_epoch * tc.epochs
@@ -334,13 +347,11 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False,
                     if eval_data is not None:
                         metrics = evaluate(model, eval_data, tc.eval_batch_size)
                         row.update(metrics)
+                        row["monitor"] = monitor_value(metrics, monitor)
+                        value = row["monitor"]
                         for k, v in metrics.items():
                             if isinstance(v, float) and not math.isnan(v):
                                 tb.add_scalar(f"eval/{k}", v, step)
-                        if monitor not in metrics:
-                            raise ConfigError(f"train.early_stop.metric: {monitor!r} is not a "
-                                              f"metric; available: {sorted(metrics)}")
-                        value = metrics[monitor]
                         if _is_better(value, best, mode):
                             best, best_step, bad_evals = value, step, 0
                             checkpoint(ck_dir / "best.pt")

@@ -25,7 +25,9 @@ class MultiTaskModel(nn.Module):
     """Base class: subclasses implement ``forward`` and ``losses``."""
 
     metric_spaces: tuple[MetricSpace, ...] = DEFAULT_SPACES
-    monitor: str = "ctcvr_auc"
+    # Early stopping watches the validation log loss of the tasks the model is trained on.
+    monitor: str = "ctr_logloss+ctcvr_logloss"
+    monitor_mode: str = "min"
 
     def forward(self, batch) -> dict[str, torch.Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError

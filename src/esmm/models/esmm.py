@@ -61,6 +61,8 @@ class Base(MultiTaskModel):
         loss_cvr = BCE(conversion, pCVR) over clicked impressions
     """
 
+    monitor = "ctr_logloss+cvr_logloss"
+
     def __init__(self, spec: FeatureSpec, cfg: ModelConfig, sparse: bool = True) -> None:
         super().__init__()
         self.ctr_embedding = EmbeddingCollection(spec, sparse=sparse)
