@@ -122,6 +122,10 @@ def read_tables(path: str | Path, cfg: DataConfig, columns: list[str] | None = N
         fmt = "csv" if p.is_file() and p.suffix.lower() in (".csv", ".txt") else "parquet"
     if fmt == "csv":
         return RawTables(str(p), _read_csv(p, cfg))
+    if fmt in ("rechub-csv", "aitm-csv", "paddle-esmm-txt"):
+        from esmm.data.published import read_published
+
+        return RawTables(str(p), read_published(p, fmt, columns))
     imp = None
     users = None
     if p.is_dir():
@@ -133,7 +137,8 @@ def read_tables(path: str | Path, cfg: DataConfig, columns: list[str] | None = N
                 users = p / name
     if imp is not None:
         imp_t = _read_parquet(imp, columns)
-        users_t = _read_parquet(users, None) if users is not None else None
+        # The same column list applies: unused user columns (e.g. bag values) stay on disk.
+        users_t = _read_parquet(users, columns) if users is not None else None
         return RawTables(str(p), imp_t, users_t)
     return RawTables(str(p), _read_parquet(p, columns))
 
