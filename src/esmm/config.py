@@ -56,7 +56,7 @@ class DataConfig(_Strict):
     train: str | None = None
     eval: str | None = None
     test: str | None = None
-    format: Literal["auto", "parquet", "csv"] = "auto"
+    format: Literal["auto", "parquet", "csv", "rechub-csv", "aitm-csv", "paddle-esmm-txt"] = "auto"
     labels: LabelsConfig = Field(default_factory=LabelsConfig)
     user_column: str | None = "101"
     user_key: str = "common_key"
