@@ -5,6 +5,7 @@ from __future__ import annotations
 from esmm.config import Config
 from esmm.errors import ConfigError
 from esmm.features import FeatureSpec
+from esmm.models import baselines as _baselines  # noqa: F401  (aman, oversampling, ...)
 from esmm.models import esmm as _esmm  # noqa: F401  (registers esmm, esmm_ns, base)
 from esmm.models.base import OUTPUT_NAMES, MultiTaskModel, get_factory, model_names
 

@@ -1,0 +1,158 @@
+"""`esmm benchmark paper` and `esmm benchmark bias-sweep` end to end on tiny simulated sets."""
+
+import csv
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from esmm import benchmark
+from esmm.cli import app
+from esmm.data.simulate import get_preset, write_simulation
+from esmm.errors import UsageError
+
+runner = CliRunner()
+
+TINY_WORLD = {"n_users": 300, "n_items": 3000, "n_shops": 500, "n_brands": 300,
+              "n_intentions": 200, "n_categories": 50, "ctr": 0.1}
+FEATURES = ('features=[{name: "101", kind: categorical, buckets: 500}, '
+            '{name: "205", kind: categorical, buckets: 3000}, '
+            '{name: "301", kind: categorical, buckets: 10}]')
+FAST = ["--set", FEATURES, "--set", "model.tower=[8]", "--set", "model.embedding_dim=4",
+        "--set", "train.batch_size=500", "--set", "train.max_steps=3",
+        "--set", "train.eval_every=3"]
+
+
+def _out(res) -> str:
+    text = res.output
+    try:
+        text += res.stderr
+    except (ValueError, AttributeError):
+        pass
+    return text
+
+
+def _rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def sim_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bench") / "sim"
+    write_simulation(d, get_preset("dense", **TINY_WORLD, cvr=0.2),
+                     {"train": 2000, "valid": 1000, "test": 1000}, 5)
+    return d
+
+
+def test_paper_end_to_end_and_reuse(sim_dir, tmp_path, monkeypatch):
+    out = tmp_path / "report"
+    args = ["benchmark", "paper", "--data", str(sim_dir), "--seeds", "2", "--out", str(out),
+            "--budget", "base=2", "--budget", "ctr_net=1", *FAST]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, _out(res)
+    for name in ("results.csv", "report.md", "auc.png"):
+        assert (out / name).is_file(), name
+    assert (out / "auc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    all_rows = _rows(out / "results.csv")
+    assert len(all_rows) == 7 * 2 + 2
+    ref = {r["seed"]: r for r in all_rows if r["method"] == benchmark.CTR_NET}
+    assert set(ref) == {"0", "1"}
+    assert all(r["monitor"] == "ctr_auc" and r["epochs"] == "1" for r in ref.values())
+    rows = [r for r in all_rows if r["method"] != benchmark.CTR_NET]
+    assert {(r["method"], r["seed"]) for r in rows} == {
+        (m, s) for m in benchmark.PAPER_METHODS for s in ("0", "1")}
+    for r in rows:
+        for k in ("ctr_auc", "cvr_auc", "ctcvr_auc", "cvr_auc_entire_space"):
+            assert 0.0 <= float(r[k]) <= 1.0
+        assert r["monitor"] == benchmark.MONITOR[r["method"]]
+        # CVR-net methods take pCTR from the seed's reference CTR net; the others their own.
+        if r["method"] in benchmark.CTR_FROM_REFERENCE:
+            assert r["ctr_auc"] == ref[r["seed"]]["ctr_auc"] and r["own_ctcvr_auc"]
+        else:
+            assert not r.get("own_ctcvr_auc")
+    assert not any((out / "runs").glob("*/checkpoints"))  # deleted once measured
+    epochs = {r["method"]: int(r["epochs"]) for r in rows}
+    assert epochs["base"] == 2 and epochs["esmm"] == 4  # the demo config: 4 epochs
+    assert epochs["oversampling"] == 4 * benchmark.CLICKED_ONLY_EPOCH_FACTOR
+    report = (out / "report.md").read_text()
+    assert "| ESMM | " in report and "68.56 ± 0.37" in report  # beside the paper's numbers
+    assert "ESMM - BASE" in report and "CVR AUC, entire space" in report
+    assert report in res.output
+
+    # A second call reuses every finished run: nothing is trained.
+    def no_training(*a, **k):
+        raise AssertionError("trained again")
+
+    monkeypatch.setattr(benchmark, "train", no_training)
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, _out(res)
+    assert _rows(out / "results.csv") == all_rows
+
+
+def test_bias_sweep_writes_tables_and_charts(tmp_path):
+    out = tmp_path / "sweep"
+    knobs = [x for k, v in TINY_WORLD.items() for x in ("--sim-set", f"{k}={v}")]
+    res = runner.invoke(app, ["benchmark", "bias-sweep", "--out", str(out), "--selection",
+                              "0,1", "--cvr", "0.2,0.1", "--seeds", "1", "--rows", "2000",
+                              "--methods", "base,division,esmm", "--keep-checkpoints",
+                              *knobs, *FAST])
+    assert res.exit_code == 0, _out(res)
+    rows = _rows(out / "sweep.csv")
+    assert len(rows) == 2 * 2 * (3 + 1)  # three methods and the reference CTR net per cell
+    assert (out / "runs" / "cvr0.1-sel0" / "esmm-seed0" / "checkpoints" / "best.pt").is_file()
+    assert {(float(r["cvr"]), float(r["selection"])) for r in rows} == {
+        (0.2, 0.0), (0.2, 1.0), (0.1, 0.0), (0.1, 1.0)}
+    summary = _rows(out / "summary.csv")
+    assert len(summary) == 4 * 3 and "esmm" in {r["method"] for r in summary}
+    assert "cvr_auc_entire_space_minus_base_mean" in summary[0]
+    for k in ("cvr_auc_entire_space", "cvr_auc", "ctcvr_auc"):
+        assert (out / f"{k}.png").read_bytes()[:4] == b"\x89PNG"
+    report = (out / "report.md").read_text()
+    assert "| 0.1 | 1 |" in report and "ESMM - BASE" in report
+    meta = json.loads((out / "data" / "cvr0.1-sel1" / "simulation.json").read_text())
+    assert meta["config"]["selection"] == 1.0 and meta["config"]["cvr"] == 0.1
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["paper", "--methods", "base,nope"], "unknown method"),
+    (["paper", "--budget", "base"], "METHOD=EPOCHS"),
+    (["paper", "--budget", "base=0"], "positive integer"),
+    (["bias-sweep", "--selection", "0,x"], "comma-separated numbers"),
+    (["bias-sweep", "--sim-set", "cvr=0.1"], "--cvr"),
+    (["bias-sweep", "--cvr", "2"], "cvr"),
+])
+def test_bad_usage_exits_2(tmp_path, args, needle):
+    res = runner.invoke(app, ["benchmark", *args, "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2, _out(res)
+    assert needle in _out(res)
+
+
+def test_data_folder_is_checked(tmp_path, sim_dir):
+    (tmp_path / "d" / "train").mkdir(parents=True)
+    res = runner.invoke(app, ["benchmark", "paper", "--data", str(tmp_path / "d"),
+                              "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "valid" in _out(res)
+    res = runner.invoke(app, ["benchmark", "paper", "--data", str(sim_dir), "--rows", "5000",
+                              "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "--data" in _out(res)
+
+
+def test_help():
+    for cmd in (["benchmark"], ["benchmark", "paper"], ["benchmark", "bias-sweep"]):
+        res = runner.invoke(app, [*cmd, "--help"])
+        assert res.exit_code == 0 and "--" in res.output
+
+
+def test_statistics_helpers():
+    rows = [{"method": "base", "seed": s, "a": v} for s, v in enumerate([0.6, 0.7, 0.8])]
+    rows += [{"method": "esmm", "seed": s, "a": v} for s, v in enumerate([0.65, 0.72, 0.9])]
+    d = benchmark.paired_diff(rows, "esmm", "a")
+    assert d.tolist() == pytest.approx([0.05, 0.02, 0.1])
+    m, s = benchmark.mean_std(d)
+    assert m == pytest.approx(0.17 / 3) and s == pytest.approx(d.std(ddof=1))
+    assert benchmark.epoch_budget("base", 4, {}) == 4 * benchmark.CLICKED_ONLY_EPOCH_FACTOR
+    assert benchmark.epoch_budget("esmm", 4, {}) == 4
+    assert benchmark.epoch_budget("esmm", 4, {"esmm": 9}) == 9
+    with pytest.raises(UsageError):
+        benchmark.parse_methods("", benchmark.PAPER_METHODS)
