@@ -63,7 +63,9 @@ SET_HELP = ("Override a config key, e.g. --set train.optimizer.lr=0.01 or "
 @_errors
 def simulate(
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: OUT/train, OUT/valid, "
-                             "OUT/test each get impressions.parquet and users.parquet."),
+                             "OUT/test each get impressions.parquet and users.parquet "
+                             "(--format aliccp-raw: OUT/sample_skeleton_SPLIT.csv, "
+                             "OUT/common_features_SPLIT.csv, OUT/ground_truth_SPLIT.parquet)."),
     preset: str = typer.Option("aliccp", help="Simulator preset: 'aliccp' (Ali-CCP rates: CTR "
                                "~4%, 0.5% conversions per click, long user bags) or 'dense' "
                                "(~10% conversions per click, short bags)."),
@@ -74,18 +76,25 @@ def simulate(
     seed: int = typer.Option(7, help="Seed: fixes the simulated world and every draw."),
     knob: list[str] = typer.Option([], "--set", help="Override a simulator knob, e.g. "
                                    "--set selection=1.0 --set cvr=0.05 (see docs/simulator.md)."),
-    fmt: str = typer.Option("parquet", "--format", help="Output format: parquet."),
+    fmt: str = typer.Option("parquet", "--format", help="Output format: parquet, or "
+                            "aliccp-raw (the raw Ali-CCP text files, for `esmm data aliccp`; "
+                            "ground truth goes to a side Parquet file)."),
 ) -> None:
     """Simulate impressions with ground truth (p_click, p_conversion, conversion_if_clicked)."""
     from esmm.data.simulate import get_preset, write_simulation
 
-    if fmt != "parquet":
-        raise UsageError(f"--format {fmt!r}: expected 'parquet'")
+    if fmt not in ("parquet", "aliccp-raw"):
+        raise UsageError(f"--format {fmt!r}: expected 'parquet' or 'aliccp-raw'")
     cfg = get_preset(preset, **_parse_knobs(knob))
     split_rows = {"train": rows, "valid": valid_rows if valid_rows is not None else rows // 4,
                   "test": test_rows if test_rows is not None else rows // 2}
     split_rows = {k: v for k, v in split_rows.items() if v > 0}
-    info = write_simulation(out, cfg, split_rows, seed, progress=sys.stderr.isatty())
+    if fmt == "aliccp-raw":
+        from esmm.data.aliccp import simulate_raw
+
+        info = simulate_raw(out, cfg, split_rows, seed, progress=sys.stderr.isatty())
+    else:
+        info = write_simulation(out, cfg, split_rows, seed, progress=sys.stderr.isatty())
     typer.echo(json.dumps(info.get("splits", info), indent=2, default=str))
 
 
@@ -212,6 +221,211 @@ def demo(
                       knobs=_parse_knobs(knob), overrides=overrides)
     typer.echo(report)
     typer.echo(f"report written to {out / 'report.md'}")
+
+
+@app.command()
+@_errors
+def export(
+    run: Path = typer.Argument(..., help="Run directory (uses checkpoints/best.pt) or a "
+                               "checkpoint file."),
+    fmt: str = typer.Option("torchscript", "--format", help="Artifact format: 'torchscript' "
+                            "(TorchScript file) or 'onnx' (ONNX model for onnxruntime)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Artifact file to write: the model graph, "
+                             "the feature spec and metadata in one file."),
+    parity_rows: int = typer.Option(512, min=1, help="Rows per set in the parity check against "
+                                    "the eager model (eval rows, synthetic rows)."),
+) -> None:
+    """Export a trained model to one artifact file, checked against the eager model."""
+    from esmm.export import export_run
+
+    meta = export_run(run, fmt, out, parity_rows=parity_rows)
+    diffs = ", ".join(f"{k} {v:.1e}" for k, v in meta["parity"]["max_abs_diff"].items())
+    typer.echo(f"wrote {out} ({fmt}, model {meta['model']}); parity max abs diff: {diffs}")
+
+
+@app.command()
+@_errors
+def serve(
+    artifact: Path = typer.Argument(..., help="Artifact file written by `esmm export`."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on."),
+    port: int = typer.Option(8080, min=0, max=65535, help="Port to listen on."),
+    workers: int = typer.Option(1, min=1, help="Worker processes (each loads the artifact)."),
+    max_items: int = typer.Option(10_000, min=1, help="Most impressions or candidates in one "
+                                  "request; larger requests get HTTP 413."),
+    threads: int = typer.Option(1, min=0, help="Intra-op threads per worker (0: CPU cores "
+                                "divided by workers)."),
+    log_level: str = typer.Option("info", help="uvicorn log level: critical, error, warning, "
+                                  "info, debug."),
+) -> None:
+    """Serve an artifact over HTTP: POST /predict, POST /rank, GET /health, /metadata, /metrics."""
+    from esmm.export import require
+
+    require("fastapi")
+    require("uvicorn")
+    from esmm.serve import serve as run_serve
+
+    run_serve(artifact, host=host, port=port, workers=workers, max_items=max_items,
+              threads=threads, log_level=log_level)
+
+
+benchmark_app = typer.Typer(
+    no_args_is_help=True,
+    help="Compare ESMM with the paper's baselines: `paper` (Table 2) and `bias-sweep`.",
+)
+app.add_typer(benchmark_app, name="benchmark")
+
+BUDGET_HELP = ("Epoch cap of one method, METHOD=EPOCHS (repeatable), e.g. --budget base=20. "
+               "Default: train.epochs for every method, 3x for the methods whose CVR net "
+               "learns from clicked impressions only (base, oversampling, unbias); early "
+               "stopping on the valid split applies to all. ctr_net=EPOCHS sets the cap of the "
+               "reference CTR net.")
+FRESH_HELP = ("Retrain every run; by default runs finished by an earlier call with the same "
+              "config and data are reused, so an interrupted benchmark continues.")
+KEEP_HELP = ("Keep each run's checkpoints/ (by default they are deleted once the run's test "
+             "metrics are written: with the Ali-CCP feature set a checkpoint is hundreds of MB).")
+
+
+@benchmark_app.command("paper")
+@_errors
+def benchmark_paper(
+    out: Path = typer.Option(..., "--out", "-o", help="Report folder: results.csv (one row "
+                             "per method and seed), report.md, auc.png, runs/ (and data/ "
+                             "when simulating)."),
+    data: Path = typer.Option(None, "--data", help="Folder with train/, valid/ and test/ (as "
+                              "`esmm simulate --out DIR` writes). Default: simulate one into "
+                              "OUT/data."),
+    seeds: int = typer.Option(3, min=1, help="Runs per method (the paper: 10); seed k changes "
+                              "the initialisation and shuffling, never the data."),
+    methods: str = typer.Option(",".join(("base", "aman", "oversampling", "unbias",
+                                          "division", "esmm_ns", "esmm")),
+                                help="Comma-separated methods, in report order."),
+    overrides: list[str] = typer.Option([], "--set", help=SET_HELP + " Applies to every "
+                                        "method, e.g. --set model.oversample_k=3."),
+    rows: int = typer.Option(None, min=1000, help="Training impressions when simulating "
+                             "(default 500000; valid rows/4, test rows/2)."),
+    preset: str = typer.Option("aliccp", help="Simulator preset when simulating (see `esmm "
+                               "simulate --help`)."),
+    knob: list[str] = typer.Option([], "--sim-set", help="Override a simulator knob when "
+                                   "simulating (repeatable), e.g. --sim-set selection=1.0."),
+    budget: list[str] = typer.Option([], "--budget", help=BUDGET_HELP),
+    fresh: bool = typer.Option(False, "--fresh", help=FRESH_HELP),
+    keep_checkpoints: bool = typer.Option(False, "--keep-checkpoints", help=KEEP_HELP),
+) -> None:
+    """Reproduce the paper's Table 2 (every method, several seeds).
+
+    Writes mean +- std per method beside the published Ali-CCP numbers, paired per-seed
+    differences from BASE, results.csv and a chart.
+    """
+    from esmm.benchmark import parse_budgets, parse_methods, run_paper
+
+    report = run_paper(out, data=data, seeds=seeds,
+                       methods=parse_methods(methods, ()), overrides=overrides, rows=rows,
+                       preset=preset, knobs=_parse_knobs(knob), budgets=parse_budgets(budget),
+                       fresh=fresh, keep_checkpoints=keep_checkpoints)
+    typer.echo(report)
+    typer.echo(f"report written to {out / 'report.md'} (results.csv, auc.png beside it)")
+
+
+@benchmark_app.command("bias-sweep")
+@_errors
+def benchmark_bias_sweep(
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for sweep.csv, summary.csv, "
+                             "report.md, one PNG per metric, data/ and runs/."),
+    selection: str = typer.Option("0,0.5,1", help="Values of the simulator's `selection` knob "
+                                  "(how much clicking selects on conversion-relevant "
+                                  "factors), comma-separated."),
+    cvr: str = typer.Option("0.1,0.02,0.005", help="Values of the `cvr` knob (conversions "
+                            "per click), comma-separated."),
+    seeds: int = typer.Option(2, min=1, help="Runs per method and cell."),
+    rows: int = typer.Option(200_000, min=1000, help="Training impressions per cell "
+                             "(valid rows/4, test rows/2)."),
+    methods: str = typer.Option("base,division,esmm_ns,esmm",
+                                help="Comma-separated methods."),
+    preset: str = typer.Option("dense", help="Simulator preset the grid modifies."),
+    knob: list[str] = typer.Option([], "--sim-set", help="Override another simulator knob in "
+                                   "every cell (repeatable), e.g. --sim-set "
+                                   "clickbait_fraction=0.2."),
+    overrides: list[str] = typer.Option([], "--set", help=SET_HELP),
+    budget: list[str] = typer.Option([], "--budget", help=BUDGET_HELP),
+    fresh: bool = typer.Option(False, "--fresh", help=FRESH_HELP),
+    keep_checkpoints: bool = typer.Option(False, "--keep-checkpoints", help=KEEP_HELP),
+) -> None:
+    """Map where each method wins over a grid of the simulator's selection and cvr knobs.
+
+    Writes tables (Markdown, CSV) and line charts of cvr_auc_entire_space, cvr_auc and
+    ctcvr_auc.
+    """
+    from esmm.benchmark import parse_budgets, parse_floats, parse_methods, run_bias_sweep
+
+    report = run_bias_sweep(out, selection=parse_floats(selection, "--selection"),
+                            cvr=parse_floats(cvr, "--cvr"), seeds=seeds, rows=rows,
+                            methods=parse_methods(methods, ()), preset=preset,
+                            knobs=_parse_knobs(knob), overrides=overrides,
+                            budgets=parse_budgets(budget), fresh=fresh,
+                            keep_checkpoints=keep_checkpoints)
+    typer.echo(report)
+    typer.echo(f"report written to {out / 'report.md'}")
+
+
+data_app = typer.Typer(
+    no_args_is_help=True,
+    help="Turn downloaded data sets into the tables `esmm train` reads.",
+)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("aliccp")
+@_errors
+def data_aliccp(
+    skeleton: Path = typer.Option(..., "--skeleton", help="sample_skeleton_{train,test}.csv "
+                                  "of one split, as downloaded."),
+    common: Path = typer.Option(..., "--common", help="common_features_{train,test}.csv of "
+                                "the same split."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder: impressions/ and users/ "
+                             "(Parquet shards) and summary.json; use it as data.train, "
+                             "data.eval or data.test."),
+    on_error: str = typer.Option("stop", "--on-error", help="Malformed line: 'stop' (exit 1 "
+                                 "naming the file, line and reason) or 'skip' (skip it and "
+                                 "count it by reason in summary.json)."),
+    conversion_without_click: str = typer.Option(
+        "drop", "--conversion-without-click", help="Lines with conversion=1 and click=0: "
+        "'drop' (counted), 'keep' (counted) or 'error'."),
+    shard_rows: int = typer.Option(1_000_000, "--shard-rows", min=1, help="Rows per Parquet "
+                                   "file (impressions and users)."),
+    bag_fields: str = typer.Option("210,853,109_14,110_14,127_14,150_14", "--bag-fields",
+                                   help="Comma-separated fields stored as lists (every entry "
+                                   "kept, in file order); any other field may appear once "
+                                   "per line."),
+    ground_truth: Path = typer.Option(None, "--ground-truth", help="Parquet file with "
+                                      "sample_id and the simulator's ground truth in skeleton "
+                                      "line order (`esmm simulate --format aliccp-raw` "
+                                      "writes ground_truth_SPLIT.parquet); attached to the "
+                                      "impressions."),
+    block_mb: float = typer.Option(8.0, "--block-mb", min=0.001, help="MB read and parsed at "
+                                   "a time; memory grows with it, not with the files."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier ingestion "
+                                   "in --out."),
+    workers: int = typer.Option(1, "--workers", min=1, help="Threads parsing the next blocks "
+                                "while one is written (more memory; helps on idle cores)."),
+) -> None:
+    """Ingest one raw Ali-CCP split (skeleton + common features) into Parquet, streaming."""
+    from esmm.data.aliccp import ingest
+
+    bags = tuple(b.strip() for b in bag_fields.split(",") if b.strip())
+    summary = ingest(skeleton, common, out, on_error=on_error,
+                     conversion_without_click=conversion_without_click, shard_rows=shard_rows,
+                     block_bytes=max(1, int(block_mb * (1 << 20))), bag_fields=bags,
+                     ground_truth=ground_truth, overwrite=overwrite, workers=workers)
+    imp, users = summary["impressions"], summary["users"]
+    typer.echo(json.dumps({
+        "impressions": {k: imp[k] for k in ("rows_in", "rows_written", "dropped",
+                                            "malformed_by_reason", "clicks", "conversions",
+                                            "ctr", "conversions_per_click")},
+        "users": {k: users[k] for k in ("rows_in", "rows_written", "dropped",
+                                        "malformed_by_reason")},
+        "seconds": summary["seconds"], "mb_per_s": summary["mb_per_s"],
+    }, indent=2))
+    typer.echo(f"wrote {out / 'impressions'}, {out / 'users'} and {out / 'summary.json'}")
 
 
 def main() -> None:
