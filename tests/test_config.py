@@ -67,3 +67,11 @@ def test_missing_and_malformed_files(tmp_path):
         load_config(tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(_write(tmp_path, "- a\n- b\n"))
+
+
+def test_progress_accepts_yaml_booleans():
+    # `--set train.progress=off` arrives as YAML False; it must mean "off", not a type error.
+    assert load_config(None, ["train.progress=off"]).train.progress == "off"
+    assert load_config(None, ["train.progress=on"]).train.progress == "on"
+    with pytest.raises(ConfigError, match="train.progress"):
+        load_config(None, ["train.progress=maybe"])

@@ -173,6 +173,14 @@ class TrainConfig(_Strict):
     num_threads: int | None = Field(default=None, gt=0)
     progress: Literal["auto", "on", "off"] = "auto"
 
+    @field_validator("progress", mode="before")
+    @classmethod
+    def _progress_bool(cls, v: Any) -> Any:
+        # YAML reads a bare `on`/`off` as a boolean; accept it as the word it was meant to be.
+        if isinstance(v, bool):
+            return "on" if v else "off"
+        return v
+
 
 class Config(_Strict):
     data: DataConfig = Field(default_factory=DataConfig)
