@@ -77,11 +77,24 @@ def test_every_method_trains_and_predicts(sim, tmp_path, name):
         torch.testing.assert_close(p["p_ctcvr"], p["p_ctr"] * p["p_cvr"], rtol=1e-5, atol=1e-7)
 
 
-def test_monitors():
-    from esmm.models.baselines import Aman, Division, Oversampling, Unbias
+@pytest.mark.parametrize("name,monitor,mode", [
+    ("aman", "cvr_auc", "max"), ("oversampling", "cvr_auc", "max"),
+    ("unbias", "cvr_auc", "max"), ("division", "ctr_logloss+ctcvr_logloss", "min"),
+    ("base", "ctr_logloss+cvr_logloss", "min"), ("esmm", "ctr_logloss+ctcvr_logloss", "min"),
+])
+def test_monitors_and_their_direction(sim, name, monitor, mode):
+    # The direction follows the metric: an AUC monitor must never be minimised.
+    m = _model(sim, name)
+    assert (m.monitor, m.monitor_mode) == (monitor, mode)
 
-    assert Aman.monitor == Oversampling.monitor == Unbias.monitor == "cvr_auc"
-    assert Division.monitor == "ctcvr_auc"
+
+def test_auc_monitor_keeps_the_highest_auc_checkpoint(sim, tmp_path):
+    res = train(_cfg(sim, "aman"), tmp_path / "run")
+    import csv
+
+    rows = list(csv.DictReader(open(tmp_path / "run" / "history.csv")))
+    aucs = [float(r["monitor"]) for r in rows if r.get("monitor")]
+    assert res.best_metric == pytest.approx(max(aucs))
 
 
 # --------------------------------------------------------------------------- AMAN

@@ -27,7 +27,11 @@ class MultiTaskModel(nn.Module):
     metric_spaces: tuple[MetricSpace, ...] = DEFAULT_SPACES
     # Early stopping watches the validation log loss of the tasks the model is trained on.
     monitor: str = "ctr_logloss+ctcvr_logloss"
-    monitor_mode: str = "min"
+
+    @property
+    def monitor_mode(self) -> str:
+        """``"min"`` for a log-loss monitor, ``"max"`` for anything else (AUCs)."""
+        return "min" if "logloss" in self.monitor else "max"
 
     def forward(self, batch) -> dict[str, torch.Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -73,6 +73,9 @@ class Aman(Base):
     saved with the checkpoint): the same negatives in every epoch, a different set per seed.
     """
 
+    # These CVR nets are fit to a deliberately reweighted or resampled target, so the log loss
+    # of the plain clicked validation rows would penalise the intended miscalibration; they are
+    # early-stopped on the ranking metric the paper reports instead.
     monitor = "cvr_auc"
 
     def __init__(self, spec: FeatureSpec, cfg: ModelConfig, sparse: bool = True) -> None:
@@ -163,8 +166,6 @@ class Division(MultiTaskModel):
     ``p_ctcvr`` is the CTCVR net's own output. ``forward`` also returns ``cvr_logit``, the
     logit of the clipped ratio (finite: a ratio of 1 maps to about 16.1).
     """
-
-    monitor = "ctcvr_auc"
 
     def __init__(self, spec: FeatureSpec, cfg: ModelConfig, sparse: bool = True) -> None:
         super().__init__()
