@@ -120,3 +120,13 @@ def cfg_factory():
             node[parts[-1]] = v
         return config_from_dict(tree)
     return make
+
+
+def cli_output(res) -> str:
+    """stdout and, where the runner keeps it apart, stderr of a typer CliRunner result."""
+    text = res.output
+    try:
+        text += res.stderr
+    except (ValueError, AttributeError):
+        pass
+    return text

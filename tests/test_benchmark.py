@@ -10,6 +10,7 @@ from esmm import benchmark
 from esmm.cli import app
 from esmm.data.simulate import get_preset, write_simulation
 from esmm.errors import UsageError
+from tests.conftest import cli_output
 
 runner = CliRunner()
 
@@ -23,13 +24,7 @@ FAST = ["--set", FEATURES, "--set", "model.tower=[8]", "--set", "model.embedding
         "--set", "train.eval_every=3"]
 
 
-def _out(res) -> str:
-    text = res.output
-    try:
-        text += res.stderr
-    except (ValueError, AttributeError):
-        pass
-    return text
+_out = cli_output
 
 
 def _rows(path):

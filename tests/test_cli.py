@@ -10,18 +10,12 @@ import yaml
 from typer.testing import CliRunner
 
 from esmm.cli import app
-from tests.conftest import make_rows, small_config, write_flat
+from tests.conftest import cli_output, make_rows, small_config, write_flat
 
 runner = CliRunner()
 
 
-def _out(res) -> str:
-    text = res.output
-    try:
-        text += res.stderr
-    except (ValueError, AttributeError):
-        pass
-    return text
+_out = cli_output
 
 
 def _cfg(tmp_path, train, eval_=None, **kw):

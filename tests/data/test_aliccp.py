@@ -30,6 +30,7 @@ from esmm.data.aliccp import (
 from esmm.data.simulate import get_preset, simulate
 from esmm.data.tables import read_tables
 from esmm.errors import ConfigError, DataError, UsageError
+from tests.conftest import cli_output
 
 REPO = Path(__file__).resolve().parents[2]
 SHARED = REPO.parent / "shared"
@@ -43,13 +44,7 @@ NO_853 = tuple(b for b in DEFAULT_BAG_FIELDS if b != "853")  # the simulator's 8
 runner = CliRunner()
 
 
-def _out(res) -> str:
-    text = res.output
-    try:
-        text += res.stderr
-    except (ValueError, AttributeError):
-        pass
-    return text
+_out = cli_output
 
 
 def check_invariant(summary: dict) -> None:

@@ -25,6 +25,7 @@ from esmm.data.published import (
 from esmm.data.tables import encode, read_tables
 from esmm.errors import DataError, UsageError
 from esmm.features import spec_from_config
+from tests.conftest import cli_output
 
 FILES = Path(__file__).resolve().parent / "files"
 RECHUB = FILES / "torch-rechub"
@@ -33,13 +34,7 @@ PADDLE = FILES / "paddlerec-esmm"
 runner = CliRunner()
 
 
-def _out(res) -> str:
-    text = res.output
-    try:
-        text += res.stderr
-    except (ValueError, AttributeError):
-        pass
-    return text
+_out = cli_output
 
 
 def test_rechub_csv_values_and_counts():
