@@ -1,0 +1,761 @@
+"""Training throughput and peak memory of esmm's ESMM, against a plain loop and torch-rechub.
+
+Three measurements per size, each in a child process of its own (so its peak resident memory,
+VmHWM from /proc/self/status, is its own), on the same simulated rows:
+
+(a) ``esmm.train.train`` as a user runs it: the config points at Parquet files written by the
+    simulator, ``train()`` reads and encodes them, then trains one epoch (capped by
+    ``--steps``) with the progress bar off and no evaluation split. ``load s`` is the time spent
+    inside ``load_split`` (read Parquet + encode); every step is timestamped by ``on_step``.
+(b) a plain PyTorch loop over the same model (``build_model``), optimizers (``build_optimizers``)
+    and batches, the batches pre-made in memory with ``esmm.data.batches.iter_batches`` before
+    the clock starts; the loop is forward, loss, backward, step and nothing else: the ceiling
+    of (a) for this model on this machine.
+(c) torch-rechub 0.9.0's ESMM and ``MTLTrainer.train_one_epoch`` over its ``DataGenerator``
+    loader (``TorchDataset`` + ``DataLoader``, shuffled, no workers), on the same rows, fields,
+    vocabulary sizes (ids hashed with esmm's own hash so the tables are identical), embedding
+    dim, tower widths, batch size and Adam learning rate. ``load s`` is reading Parquet with
+    pandas, joining users, hashing ids and padding bags with ``pad_sequences`` to ``--seq-len``.
+    Skipped, with a line in the table, when the ``bench`` extra (torch-rechub) is not installed.
+
+Columns:
+    step samples/s: the median, over windows of ``--window`` steps after ``--warmup`` steps, of
+        samples per second between step timestamps, with the slowest and fastest window in
+        brackets. For (a) and (c) a step includes making its batch (esmm's ``make_batch``,
+        rechub's per-row ``__getitem__`` + collate); for (b) it does not.
+    end-to-end samples/s: trained samples / (last step's end - the call that starts training),
+        so reading, encoding and model construction are included (not for (b): nothing to load).
+    load s: reading and encoding the training rows (for (b) too, though outside its rate);
+        setup s: the rest of the time before the first batch is asked for (model, optimizers,
+        writers; torch imports its compiler stack on the first optimizer built).
+    batching share: the share of step time, after the warm-up, spent making batches.
+    peak RSS MiB: the child's VmHWM: data in memory, model, optimizer state, batches.
+    a / b and a / c rows: ratios of (a) to (b) and to (c) (above 1: (a) is faster or, for
+        memory, larger).
+
+Sizes:
+    small: the simulator's ``dense`` preset, single-valued categorical fields only (vocabularies
+        cut at 400k), embedding 16, towers 256-128-64 with batch norm, batch 4096, Adam; about
+        10M parameters.
+    aliccp: the simulator's ``aliccp`` preset (long user behaviour bags) with ``features:
+        aliccp`` (every Ali-CCP field, vocabularies summing to about 2M rows) and the demo's
+        model and training settings (``esmm.demo.demo_config``), one epoch.
+    Both sizes train on the demo's number of rows unless ``--rows`` is given.
+    torch-rechub's towers always carry batch norm, so (a) and (b) turn it on at both sizes.
+
+Differences that remain, by design of each library: esmm's embedding tables take sparse
+gradients and SparseAdam (its default), rechub's are dense and updated by Adam in full every
+step; esmm embeds a user's behaviour bags once per batch, rechub once per impression from
+arrays padded to a fixed length, and its ESMM runs the user-side embedding twice per forward.
+``esmm.train`` has no device setting, so with ``--device cuda`` (a) still runs on the CPU.
+
+Read ``a / b`` as the share of the model's own speed that esmm's training path delivers (data
+batching, loss logging, bookkeeping), and ``a / c`` as esmm against a common open-source
+implementation on the same work. The machine's load average is printed under the table; on a
+shared machine run it twice before trusting a difference of a few percent.
+
+    python bench/train_throughput.py --markdown
+    python bench/train_throughput.py --sizes small --rows 200000 --steps 60 --markdown
+    python bench/train_throughput.py --sizes aliccp --threads 4 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import io
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from importlib import metadata, util
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("train_throughput")
+
+RESULT_PREFIX = "RESULT "
+RECHUB = "torch_rechub"
+RECHUB_DIST = "torch-rechub"
+RECHUB_PINNED = "0.9.0"
+SMALL_MAX_VOCAB = 400_000
+SIZE_NAMES = ("small", "aliccp")
+KINDS = ("esmm", "plain", "rechub")
+LABELS = {"esmm": "(a) esmm.train", "plain": "(b) plain loop", "rechub": "(c) torch-rechub"}
+
+
+# ----------------------------------------------------------------------------- configuration
+
+
+@dataclass(frozen=True)
+class Job:
+    """What one child process measures."""
+
+    kind: str  # esmm | plain | rechub
+    size: str
+    data_dir: str
+    run_dir: str
+    steps: int | None
+    threads: int
+    device: str
+    warmup: int
+    window: int
+    seq_len: int  # rechub bag length; 0: the field's mean length per impression, rounded up
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> Job:
+        return cls(**json.loads(text))
+
+
+def sim_preset(size: str) -> str:
+    """The simulator preset of a size."""
+    return "dense" if size == "small" else "aliccp"
+
+
+def default_rows() -> int:
+    """Training impressions per size unless --rows says otherwise: the demo's."""
+    from esmm.demo import DEMO_ROWS
+
+    return DEMO_ROWS
+
+
+def small_features() -> list[dict[str, Any]]:
+    """Single-valued categorical fields of the simulated data, vocabularies cut at 400k."""
+    from esmm.data.simulate import CONTEXT_FIELD, PROFILE_CARDINALITY, get_preset
+
+    sim = get_preset(sim_preset("small"))
+    cardinality = {"101": sim.n_users, **PROFILE_CARDINALITY, "205": sim.n_items,
+                   "206": sim.n_categories, "207": sim.n_shops, "216": sim.n_brands,
+                   CONTEXT_FIELD: sim.n_contexts}
+    return [{"name": name, "kind": "categorical", "buckets": min(n, SMALL_MAX_VOCAB)}
+            for name, n in cardinality.items()]
+
+
+def config_tree(size: str, data_dir: Path, steps: int | None, threads: int) -> dict[str, Any]:
+    """The esmm training config of a size: one epoch, no evaluation, progress bar off."""
+    from esmm.demo import demo_config
+
+    train = {"epochs": 1, "max_steps": steps, "num_threads": threads, "progress": "off",
+             "seed": 0}
+    if size == "small":
+        return {
+            "data": {"train": str(data_dir / "train"), "user_column": "101"},
+            "features": small_features(),
+            "model": {"name": "esmm", "tower": [256, 128, 64], "embedding_dim": 16,
+                      "batch_norm": True},
+            "train": {"batch_size": 4096, "optimizer": {"name": "adam", "lr": 0.001}, **train},
+        }
+    tree = demo_config(data_dir)
+    tree["data"] = {k: v for k, v in tree["data"].items() if k not in ("eval", "test")}
+    tree["model"]["batch_norm"] = True
+    keep = ("batch_size", "optimizer", "shuffle_block")
+    tree["train"] = {**{k: v for k, v in tree["train"].items() if k in keep}, **train}
+    return tree
+
+
+def load_config(job: Job) -> Any:
+    from esmm.config import config_from_dict
+
+    tree = config_tree(job.size, Path(job.data_dir), job.steps, job.threads)
+    return config_from_dict(tree, f"train_throughput {job.size}")
+
+
+# ----------------------------------------------------------------------------- timing helpers
+
+
+def peak_rss_mib() -> float | None:
+    """This process's peak resident set size (VmHWM), MiB."""
+    status = Path("/proc/self/status")
+    if not status.is_file():
+        return None
+    m = re.search(r"VmHWM:\s*(\d+)\s*kB", status.read_text())
+    return int(m.group(1)) / 1024 if m else None
+
+
+def window_rates(stamps: list[float], samples: list[int], warmup: int, window: int
+                 ) -> list[float]:
+    """Samples/s over consecutive windows of ``window`` steps after ``warmup`` steps.
+
+    ``stamps[i]`` is the end of step i + 1 and ``samples[i]`` its batch size. The first window
+    starts at the end of the last warm-up step; a trailing partial window is dropped unless it
+    is the only one.
+    """
+    n = len(stamps)
+    if n < 2:
+        return []
+    warmup = max(1, min(warmup, n - 1))
+    start = warmup - 1
+    rates = []
+    while start + window < n:
+        end = start + window
+        rates.append(sum(samples[start + 1:end + 1]) / (stamps[end] - stamps[start]))
+        start = end
+    if not rates:
+        rates.append(sum(samples[start + 1:]) / (stamps[-1] - stamps[start]))
+    return rates
+
+
+def summarize(stamps: list[float], samples: list[int], job: Job, *,
+              t_call: float | None = None, t_loop: float | None = None,
+              fetch_s: list[float] | None = None) -> dict[str, Any]:
+    """Rates from step timestamps (see :func:`window_rates`).
+
+    ``t_call``: when the run was started (end-to-end rate); ``t_loop``: when the first batch
+    was asked for (setup time); ``fetch_s[i]``: seconds spent making the batch of step i + 1,
+    summed after the warm-up into the share of step time that goes to batching.
+    """
+    rates = window_rates(stamps, samples, job.warmup, job.window)
+    out: dict[str, Any] = {"steps": len(stamps), "samples": sum(samples),
+                           "windows": len(rates)}
+    if rates:
+        out.update(step_rate=statistics.median(rates), step_rate_min=min(rates),
+                   step_rate_max=max(rates))
+    if t_call is not None and stamps:
+        out["end_to_end_rate"] = sum(samples) / (stamps[-1] - t_call)
+    if t_call is not None and t_loop is not None:
+        out["to_loop_s"] = t_loop - t_call
+    warm = max(1, min(job.warmup, len(stamps) - 1))
+    if fetch_s and len(stamps) > warm:
+        out["batching_share"] = sum(fetch_s[warm:]) / (stamps[-1] - stamps[warm - 1])
+    return out
+
+
+def set_threads(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+# ----------------------------------------------------------------------------- (a) esmm.train
+
+
+def measure_esmm(job: Job) -> dict[str, Any]:
+    """esmm.train.train on Parquet, with load_split timed and every step timestamped."""
+    import esmm.train as esmm_train
+    from esmm.data.batches import num_batches
+    from esmm.features import spec_from_config
+    from esmm.models import build_model
+
+    set_threads(job.threads)
+    cfg = load_config(job)
+    loaded: dict[str, Any] = {"seconds": 0.0}
+    real_load_split = esmm_train.load_split
+
+    def timed_load_split(*args: Any, **kwargs: Any) -> Any:
+        t = time.perf_counter()
+        data = real_load_split(*args, **kwargs)
+        loaded["seconds"] += time.perf_counter() - t
+        loaded["rows"] = data.n
+        return data
+
+    real_iter_batches = esmm_train.iter_batches
+    loop_start: list[float] = []
+    fetch_s: list[float] = []
+
+    def timed_iter_batches(*args: Any, **kwargs: Any) -> Iterator[Any]:
+        batches = real_iter_batches(*args, **kwargs)
+        while True:
+            t = time.perf_counter()
+            if not loop_start:
+                loop_start.append(t)
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            fetch_s.append(time.perf_counter() - t)
+            yield batch
+
+    # Wrapped in this child only (src/ is untouched): they time, and change nothing else.
+    esmm_train.load_split = timed_load_split
+    esmm_train.iter_batches = timed_iter_batches
+    stamps: list[float] = []
+    t_call = time.perf_counter()
+    esmm_train.train(cfg, job.run_dir, on_step=lambda step: stamps.append(time.perf_counter()))
+    t_return = time.perf_counter()
+    peak = peak_rss_mib()
+
+    n, bs = loaded["rows"], cfg.train.batch_size
+    assert len(stamps) <= num_batches(n, bs)
+    samples = [min(bs, n - i * bs) for i in range(len(stamps))]
+    model = build_model(cfg, spec_from_config(cfg))
+    return {**summarize(stamps, samples, job, t_call=t_call, t_loop=loop_start[0],
+                        fetch_s=fetch_s),
+            "load_s": loaded["seconds"], "rows": n, "after_last_step_s": t_return - stamps[-1],
+            "peak_rss_mib": peak, "params": sum(p.numel() for p in model.parameters()),
+            "device": "cpu"}
+
+
+# ----------------------------------------------------------------------------- (b) plain loop
+
+
+def batch_to(batch: Any, device: str) -> Any:
+    """A copy of an esmm Batch with every tensor on ``device``."""
+    import torch
+
+    def move(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            return v.to(device)
+        if isinstance(v, tuple):
+            return tuple(move(x) for x in v)
+        if isinstance(v, dict):
+            return {k: move(x) for k, x in v.items()}
+        return v
+
+    return dataclasses.replace(batch, **{f.name: move(getattr(batch, f.name))
+                                         for f in dataclasses.fields(batch)})
+
+
+def measure_plain(job: Job) -> dict[str, Any]:
+    """forward / loss / backward / step over batches made in memory beforehand."""
+    import torch
+
+    from esmm.data.batches import iter_batches
+    from esmm.data.tables import load_split
+    from esmm.features import spec_from_config
+    from esmm.models import build_model
+    from esmm.train import build_optimizers
+
+    set_threads(job.threads)
+    cfg = load_config(job)
+    tc = cfg.train
+    spec = spec_from_config(cfg)
+    t = time.perf_counter()
+    data = load_split(cfg.data.train, spec, cfg.data)
+    load_s = time.perf_counter() - t
+    rows = data.n
+    batches = []
+    for b in iter_batches(data, tc.batch_size, shuffle=True, seed=tc.seed,
+                          block=tc.shuffle_block):
+        batches.append(batch_to(b, job.device))
+        if job.steps and len(batches) >= job.steps:
+            break
+    del data
+    log.info("%d batches made in memory", len(batches))
+    torch.manual_seed(tc.seed)
+    model = build_model(cfg, spec).to(job.device)
+    opts = build_optimizers(model, cfg)
+    model.train()
+    stamps: list[float] = []
+    for b in batches:
+        out = model(b)
+        loss = sum(model.losses(out, b).values())
+        for o in opts:
+            o.zero_grad(set_to_none=True)
+        loss.backward()
+        for o in opts:
+            o.step()
+        sync(job.device)
+        stamps.append(time.perf_counter())
+    return {**summarize(stamps, [b.size for b in batches], job), "load_s": load_s,
+            "rows": rows, "peak_rss_mib": peak_rss_mib(),
+            "params": sum(p.numel() for p in model.parameters()), "device": job.device}
+
+
+# ----------------------------------------------------------------------------- (c) torch-rechub
+
+
+class TimedLoader:
+    """Wraps a DataLoader: stops after ``cap`` batches and timestamps each request for the next
+    batch, which the trainer makes once the previous step (and its loss logging) is done."""
+
+    def __init__(self, loader: Any, cap: int | None, device: str) -> None:
+        self.loader = loader
+        self.cap = cap
+        self.device = device
+        self.stamps: list[float] = []
+        self.samples: list[int] = []
+        self.fetch_s: list[float] = []
+        self.started: float | None = None
+
+    def __len__(self) -> int:
+        return min(len(self.loader), self.cap) if self.cap else len(self.loader)
+
+    def __iter__(self) -> Iterator[Any]:
+        self.started = time.perf_counter()
+        batches = iter(self.loader)
+        while True:
+            if self.samples:  # the trainer is done with the previous batch
+                sync(self.device)
+                self.stamps.append(time.perf_counter())
+            if self.cap and len(self.samples) >= self.cap:
+                return
+            t = time.perf_counter()
+            try:
+                x, y = next(batches)
+            except StopIteration:
+                return
+            self.fetch_s.append(time.perf_counter() - t)
+            self.samples.append(int(y.shape[0]))
+            yield x, y
+
+
+def rechub_inputs(cfg: Any, seq_len: int) -> tuple[dict[str, Any], Any, dict[str, int]]:
+    """Rows of ``cfg.data.train`` as rechub inputs: {field: ids (N,) or padded (N, L)}, labels
+    (N, 3) = (conversion, click, click * conversion), and the padded length of each bag field.
+
+    Ids are hashed with esmm's hash into the same buckets as esmm's tables; bag ids are shifted
+    by one so that 0 is rechub's padding index.
+    """
+    import numpy as np
+    import pandas as pd
+    import pyarrow.parquet as pq
+    from torch_rechub.utils.data import pad_sequences
+
+    from esmm.features import hash_int_ids
+
+    path = Path(cfg.data.train)
+    key = cfg.data.user_key
+    feats = {f.name: f for f in cfg.features}
+    imp_cols = pq.read_schema(path / "impressions.parquet").names
+    on_imp = [n for n in feats if n in imp_cols]
+    on_user = [n for n in feats if n not in imp_cols]
+    labels = [cfg.data.labels.click, cfg.data.labels.conversion]
+    imp = pd.read_parquet(path / "impressions.parquet", columns=[key, *on_imp, *labels])
+    users = pd.read_parquet(path / "users.parquet", columns=[key, *on_user])
+    click = imp[labels[0]].to_numpy()
+    conv = imp[labels[1]].to_numpy()
+    imp = imp[~((conv == 1) & (click == 0))].reset_index(drop=True)
+    users["_user_row"] = np.arange(len(users))
+    df = imp.merge(users[[key, "_user_row", *(n for n in on_user
+                                               if feats[n].kind == "categorical")]],
+                   on=key, how="left", validate="many_to_one")
+    x: dict[str, Any] = {}
+    lengths: dict[str, int] = {}
+    for name, f in feats.items():
+        if f.kind == "categorical":
+            x[name] = hash_int_ids(df[name].to_numpy(), name, f.buckets)
+            continue
+        lists = (users if name in on_user else df)[name].to_numpy()
+        sizes = np.fromiter((len(v) for v in lists), dtype=np.int64, count=len(lists))
+        flat = np.concatenate(lists).astype(np.int64) if sizes.sum() else sizes[:0]
+        bags = np.split(hash_int_ids(flat, name, f.buckets) + 1, np.cumsum(sizes)[:-1])
+        rows = df["_user_row"].to_numpy() if name in on_user else np.arange(len(df))
+        per_impression = sizes[rows]
+        lengths[name] = seq_len or max(1, math.ceil(float(per_impression.mean())))
+        padded = pad_sequences(bags, maxlen=lengths[name], value=0)
+        x[name] = padded[rows]
+    click = df[labels[0]].to_numpy().astype(np.float32)
+    conv = df[labels[1]].to_numpy().astype(np.float32)
+    y = np.stack([conv, click, click * conv], axis=1)
+    return x, y, lengths
+
+
+def measure_rechub(job: Job) -> dict[str, Any]:
+    """torch-rechub's ESMM trained by its MTLTrainer on its DataGenerator loader."""
+    import torch
+    from torch_rechub.basic.features import SequenceFeature, SparseFeature
+    from torch_rechub.models.multi_task import ESMM
+    from torch_rechub.trainers import MTLTrainer
+    from torch_rechub.utils.data import DataGenerator
+
+    from esmm.config import ALICCP_USER_BAGS, ALICCP_USER_FIELDS
+
+    set_threads(job.threads)
+    cfg = load_config(job)
+    tc, mc = cfg.train, cfg.model
+    t_call = time.perf_counter()
+    x, y, lengths = rechub_inputs(cfg, job.seq_len)
+    loader = DataGenerator(x, y).generate_dataloader(
+        x_val=x, y_val=y, x_test=x, y_test=y, batch_size=tc.batch_size)[0]
+    load_s = time.perf_counter() - t_call
+    log.info("rechub bag lengths (padded): %s", lengths)
+
+    user_side = set(ALICCP_USER_FIELDS) | set(ALICCP_USER_BAGS)
+    user_features, item_features = [], []
+    for f in cfg.features:
+        dim = f.dim or mc.embedding_dim
+        feat: Any
+        if f.kind == "multi_categorical":
+            feat = SequenceFeature(f.name, vocab_size=f.buckets + 1, embed_dim=dim,
+                                   pooling=f.pooling, padding_idx=0)
+        else:
+            feat = SparseFeature(f.name, vocab_size=f.buckets, embed_dim=dim)
+        (user_features if f.name in user_side else item_features).append(feat)
+    torch.manual_seed(tc.seed)
+    tower = {"dims": list(mc.tower), "activation": mc.activation, "dropout": mc.dropout}
+    model = ESMM(user_features, item_features, cvr_params=dict(tower), ctr_params=dict(tower))
+    oc = tc.optimizer
+    trainer = MTLTrainer(model, task_types=["classification"] * 3, optimizer_fn=torch.optim.Adam,
+                         optimizer_params={"lr": oc.lr, "betas": oc.betas, "eps": oc.eps,
+                                           "weight_decay": oc.weight_decay},
+                         n_epoch=1, device=job.device, model_path=job.run_dir)
+    timed = TimedLoader(loader, job.steps, job.device)
+    # The trainer prints its losses and draws a tqdm bar; keep them off this process's output.
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        trainer.train_one_epoch(timed)
+    return {**summarize(timed.stamps, timed.samples, job, t_call=t_call, t_loop=timed.started,
+                        fetch_s=timed.fetch_s),
+            "load_s": load_s,
+            "rows": len(y), "peak_rss_mib": peak_rss_mib(), "seq_len": lengths,
+            "params": sum(p.numel() for p in model.parameters()), "device": job.device}
+
+
+MEASURES: dict[str, Callable[[Job], dict[str, Any]]] = {
+    "esmm": measure_esmm, "plain": measure_plain, "rechub": measure_rechub,
+}
+
+
+def child_main(job_json: str) -> None:
+    job = Job.from_json(job_json)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format=f"%(asctime)s {job.size}/{job.kind} %(name)s: %(message)s")
+    result = MEASURES[job.kind](job)
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
+
+
+# ----------------------------------------------------------------------------- parent
+
+
+def rechub_status() -> str | None:
+    """None when torch-rechub can be measured, else why not."""
+    if util.find_spec(RECHUB) is None:
+        return (f"skipped: torch-rechub is not installed (the `bench` extra: pip install "
+                f"{RECHUB_DIST}=={RECHUB_PINNED} --no-deps)")
+    return None
+
+
+def rechub_label() -> str:
+    try:
+        version = metadata.version(RECHUB_DIST)
+    except metadata.PackageNotFoundError:
+        return LABELS["rechub"]
+    suffix = "" if version == RECHUB_PINNED else f" (not the pinned {RECHUB_PINNED})"
+    return f"(c) torch-rechub {version}{suffix}"
+
+
+def simulate(size: str, rows: int, work: Path) -> Path:
+    """Write ``rows`` simulated impressions of the size's preset to ``work/<size>/data``."""
+    from esmm.data.simulate import get_preset, write_simulation
+    from esmm.demo import SIM_SEED
+
+    data_dir = work / size / "data"
+    meta = data_dir / "simulation.json"
+    want = {"preset": sim_preset(size), "rows": {"train": rows}, "seed": SIM_SEED}
+    if meta.is_file():
+        got = json.loads(meta.read_text())
+        if all(got.get(k) == v for k, v in want.items()):
+            log.info("%s: reusing %s", size, data_dir)
+            return data_dir
+    shutil.rmtree(data_dir, ignore_errors=True)
+    log.info("%s: simulating %d impressions (preset %s)", size, rows, sim_preset(size))
+    write_simulation(data_dir, get_preset(sim_preset(size)), {"train": rows}, SIM_SEED)
+    return data_dir
+
+
+def run_child(job: Job) -> dict[str, Any]:
+    """Run one measurement in a fresh interpreter; its result or {"error": ...}."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(job.threads),
+           "MKL_NUM_THREADS": str(job.threads)}
+    log.info("%s: measuring %s", job.size, LABELS[job.kind])
+    t = time.perf_counter()
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child",
+                           job.to_json()], stdout=subprocess.PIPE, text=True, env=env,
+                          check=False)
+    results = [line[len(RESULT_PREFIX):] for line in proc.stdout.splitlines()
+               if line.startswith(RESULT_PREFIX)]
+    if proc.returncode != 0 or not results:
+        log.error("%s/%s failed with exit status %d", job.size, job.kind, proc.returncode)
+        return {"error": f"failed (exit status {proc.returncode}; see the log above)"}
+    log.info("%s: %s done in %.0f s", job.size, job.kind, time.perf_counter() - t)
+    return json.loads(results[-1])
+
+
+def fmt_rate(r: dict[str, Any], key: str) -> str:
+    return f"{r[key]:,.0f}" if key in r else "n/a"
+
+
+def fmt_step(r: dict[str, Any]) -> str:
+    if "step_rate" not in r:
+        return "n/a"
+    return f"{r['step_rate']:,.0f} [{r['step_rate_min']:,.0f}-{r['step_rate_max']:,.0f}]"
+
+
+def ratio(a: dict[str, Any], b: dict[str, Any], key: str) -> str:
+    if key in a and key in b and a[key] and b[key]:
+        return f"{a[key] / b[key]:.2f}"
+    return "n/a"
+
+
+COLUMNS = ("size", "run", "device", "params", "rows", "steps", "load s", "setup s",
+           "end-to-end samples/s", "step samples/s median [min-max]", "batching share",
+           "peak RSS MiB")
+
+
+def table_rows(size: str, results: dict[str, dict[str, Any]], labels: dict[str, str]
+               ) -> list[list[str]]:
+    rows = []
+    for kind in KINDS:
+        r = results[kind]
+        if "error" in r or "skipped" in r:
+            why = r.get("error") or r["skipped"]
+            rows.append([size, labels[kind], *[""] * 6, why, *[""] * 3])
+            continue
+        e2e = fmt_rate(r, "end_to_end_rate") if kind != "plain" else "-"
+        setup = f"{r['to_loop_s'] - r['load_s']:.1f}" if "to_loop_s" in r else "-"
+        share = f"{r['batching_share']:.0%}" if "batching_share" in r else "-"
+        rss = f"{r['peak_rss_mib']:,.0f}" if r.get("peak_rss_mib") else "n/a"
+        rows.append([size, labels[kind], r["device"], f"{r['params'] / 1e6:.1f}M",
+                     f"{r['rows']:,}", f"{r['steps']} ({r['windows']} windows)",
+                     f"{r['load_s']:.1f}", setup, e2e, fmt_step(r), share, rss])
+    a = results["esmm"]
+    for other in ("plain", "rechub"):
+        o = results[other]
+        e2e = ratio(a, o, "end_to_end_rate") if other == "rechub" else "-"
+        rows.append([size, f"a / {'b' if other == 'plain' else 'c'}", *[""] * 6, e2e,
+                     ratio(a, o, "step_rate"), "", ratio(a, o, "peak_rss_mib")])
+    return rows
+
+
+def render(rows: list[list[str]], markdown: bool) -> str:
+    if markdown:
+        lines = ["| " + " | ".join(COLUMNS) + " |",
+                 "|" + "|".join("---" if i < 2 else "---:" for i in range(len(COLUMNS))) + "|"]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+        return "\n".join(lines)
+    width = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(COLUMNS)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(COLUMNS, width, strict=True))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, width, strict=True)) for r in rows]
+    return "\n".join(lines)
+
+
+def crowding(load: float, threads: int) -> str | None:
+    """A warning when other work already keeps CPUs busy that the torch threads would need:
+    a thread descheduled inside a parallel region stalls the others at every barrier, and
+    steps can slow down by orders of magnitude, not by the share of CPU lost."""
+    cpus = len(os.sched_getaffinity(0))
+    if threads > 1 and load + threads > cpus + 0.5:
+        return (f"Load average {load:.2f} before the run on {cpus} CPUs with {threads} torch "
+                "threads: the CPUs are shared, rates may collapse; compare with --threads 1.")
+    return None
+
+
+def cpu_model() -> str:
+    info = Path("/proc/cpuinfo")
+    if info.is_file():
+        m = re.search(r"model name\s*:\s*(.+)", info.read_text())
+        if m:
+            return m.group(1).strip()
+    return "unknown CPU"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", default=",".join(SIZE_NAMES),
+                    help=f"comma-separated, of {', '.join(SIZE_NAMES)}")
+    ap.add_argument("--rows", type=int, default=None,
+                    help="simulated training impressions per size (default: the demo's)")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="at most this many training steps per run (default: one epoch)")
+    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+                    help="torch intra-op threads in every run (default: the CPUs available)")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="device of (b) and (c); esmm.train runs on the CPU")
+    ap.add_argument("--warmup", type=int, default=5, help="steps before timing starts")
+    ap.add_argument("--window", type=int, default=10, help="steps per timed window")
+    ap.add_argument("--seq-len", type=int, default=0,
+                    help="torch-rechub padded bag length (0: each field's mean length)")
+    ap.add_argument("--work", type=Path, default=None, help="folder for data and runs "
+                    "(default: a temporary folder, removed at the end)")
+    ap.add_argument("--keep", action="store_true", help="keep --work (data is reused)")
+    ap.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    args.size_list = [s.strip() for s in args.sizes.split(",") if s.strip()]
+    bad = [s for s in args.size_list if s not in SIZE_NAMES]
+    if bad or not args.size_list:
+        ap.error(f"--sizes: unknown {bad}; expected some of {', '.join(SIZE_NAMES)}")
+    for name in ("rows", "steps", "threads", "warmup", "window"):
+        value = getattr(args, name)
+        if value is not None and value < (0 if name == "warmup" else 1):
+            ap.error(f"--{name} must be positive")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.child is not None:
+        child_main(args.child)
+        return
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(name)s: %(message)s")
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: torch.cuda.is_available() is False here")
+    work = args.work or Path(tempfile.mkdtemp(prefix="esmm-train-bench-"))
+    load_before = os.getloadavg()
+    crowded = crowding(load_before[0], args.threads)
+    if crowded:
+        log.warning("%s", crowded)
+    t_start = time.perf_counter()
+    skip_rechub = rechub_status()
+    labels = {**LABELS, "rechub": rechub_label()}
+    rows: list[list[str]] = []
+    details: dict[str, dict[str, Any]] = {}
+    try:
+        for size in args.size_list:
+            data_dir = simulate(size, args.rows or default_rows(), work)
+            results: dict[str, dict[str, Any]] = {}
+            for kind in KINDS:
+                if kind == "rechub" and skip_rechub:
+                    results[kind] = {"skipped": skip_rechub}
+                    continue
+                run_dir = work / size / f"run-{kind}"
+                shutil.rmtree(run_dir, ignore_errors=True)
+                run_dir.mkdir(parents=True)
+                job = Job(kind=kind, size=size, data_dir=str(data_dir), run_dir=str(run_dir),
+                          steps=args.steps, threads=args.threads, device=args.device,
+                          warmup=args.warmup, window=args.window, seq_len=args.seq_len)
+                results[kind] = run_child(job)
+            rows += table_rows(size, results, labels)
+            details[size] = results
+    finally:
+        if args.work is None and not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    load_after = os.getloadavg()
+
+    print(render(rows, args.markdown))
+    notes = [
+        f"{os.cpu_count()} CPUs ({cpu_model()}), torch threads: {args.threads}, "
+        f"device: {args.device}; warm-up {args.warmup} steps, windows of {args.window} steps; "
+        f"total {time.perf_counter() - t_start:.0f} s.",
+        "Load average (1, 5, 15 min) before: " + " ".join(f"{x:.2f}" for x in load_before)
+        + "; after: " + " ".join(f"{x:.2f}" for x in load_after) + ".",
+    ]
+    if crowded:
+        notes.append(crowded)
+    for size, results in details.items():
+        a = results.get("esmm", {})
+        if "after_last_step_s" in a:
+            notes.append(f"{size}: esmm.train spent {a['after_last_step_s']:.1f} s after its "
+                         "last step (final checkpoints, metrics.json), outside both rates.")
+        c = results.get("rechub", {})
+        if c.get("seq_len"):
+            notes.append(f"{size}: torch-rechub bags padded/truncated to {c['seq_len']}.")
+    print()
+    print("\n".join(notes))
+
+
+if __name__ == "__main__":
+    main()
