@@ -53,7 +53,8 @@ class _Killed(Exception):
 
 
 def test_resume_reproduces_uninterrupted_run(flat_data, cfg_factory, tmp_path):
-    cfg = cfg_factory(flat_data["train"], flat_data["valid"], eval_every=15, epochs=2)
+    cfg = cfg_factory(flat_data["train"], flat_data["valid"], eval_every=15, epochs=2,
+                      checkpoint_interval_s=0)
     full = train(cfg, tmp_path / "full")
 
     def kill(step):
@@ -72,6 +73,22 @@ def test_resume_reproduces_uninterrupted_run(flat_data, cfg_factory, tmp_path):
         {k: v for k, v in r.items() if k != "elapsed_s"} | {"elapsed_s": f["elapsed_s"]}
         for r, f in zip(_history(tmp_path / "part"), _history(tmp_path / "full"), strict=True)
     ]
+
+
+def test_latest_checkpoint_is_throttled_but_always_written_at_the_end(
+        flat_data, cfg_factory, tmp_path):
+    cfg = cfg_factory(flat_data["train"], flat_data["valid"], eval_every=15, epochs=2,
+                      checkpoint_interval_s=3600)
+    res = train(cfg, tmp_path / "run")
+    assert load_checkpoint(tmp_path / "run/checkpoints/latest.pt")["step"] == res.step
+    # Killed before the first interval has passed: nothing resumable was written.
+
+    def kill(step):
+        if step == 37:
+            raise _Killed
+    with pytest.raises(_Killed):
+        train(cfg, tmp_path / "part", on_step=kill)
+    assert not (tmp_path / "part/checkpoints/latest.pt").exists()
 
 
 def test_refuses_to_overwrite_and_resume_needs_checkpoint(flat_data, cfg_factory, tmp_path):

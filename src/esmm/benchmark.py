@@ -330,6 +330,18 @@ def _test_metrics(job: Job, model: Any, cfg: Config, test: EncodedData) -> dict[
     return out
 
 
+# Keys that change how a run is watched or saved, never its result: a finished run is reused
+# whatever they hold.
+_NO_RESULT_KEYS = ("progress", "checkpoint_interval_s")
+
+
+def _result_keys(tree: Any) -> Any:
+    if not isinstance(tree, dict) or not isinstance(tree.get("train"), dict):
+        return tree
+    train = {k: v for k, v in tree["train"].items() if k not in _NO_RESULT_KEYS}
+    return {**tree, "train": train}
+
+
 def _run_one(job: Job, get_splits: Callable[[], Splits], fingerprint: Any, fresh: bool,
              keep_checkpoints: bool) -> dict[str, Any]:
     """Train one job (or reuse its finished run) and return its result row.
@@ -344,7 +356,8 @@ def _run_one(job: Job, get_splits: Callable[[], Splits], fingerprint: Any, fresh
             saved = json.loads(marker.read_text())
         except json.JSONDecodeError:
             saved = {}
-        if saved.get("config") == cfg.to_dict() and saved.get("data") == fingerprint:
+        if (_result_keys(saved.get("config")) == _result_keys(cfg.to_dict())
+                and saved.get("data") == fingerprint):
             log.info("%s seed %d: reusing the finished run in %s", job.method, job.seed,
                      job.run_dir)
             return saved["row"]

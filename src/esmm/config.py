@@ -172,6 +172,7 @@ class TrainConfig(_Strict):
     early_stop: EarlyStopConfig = Field(default_factory=EarlyStopConfig)
     num_threads: int | None = Field(default=None, gt=0)
     progress: Literal["auto", "on", "off"] = "auto"
+    checkpoint_interval_s: float = Field(default=60.0, ge=0.0)
 
     @field_validator("progress", mode="before")
     @classmethod

@@ -3,7 +3,8 @@
 Run directory layout::
 
     RUN/config.yaml            resolved config
-    RUN/checkpoints/latest.pt  written at every evaluation (atomically), resumable
+    RUN/checkpoints/latest.pt  resumable; at an evaluation (atomically, at most once per
+                               ``train.checkpoint_interval_s``) and at the end
     RUN/checkpoints/best.pt    the best evaluation so far by the monitored metric (weights only)
     RUN/history.csv            one row per evaluation
     RUN/metrics.json           final metrics of the best checkpoint, with the split they came from
@@ -307,6 +308,7 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False,
                dynamic_ncols=True)
     t0 = time.perf_counter()
     stopped_early = False
+    latest_at = (step, time.perf_counter())  # (step, time) of the newest latest.pt
     model.train()
     try:
         while step < total_steps and epoch < tc.epochs:
@@ -366,7 +368,11 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False,
                                  value, best if best is not None else float("nan"), best_step)
                     history_rows.append(row)
                     write_history()
-                    checkpoint(latest)
+                    # latest.pt holds optimizer state (3x the weights with Adam), so writing it
+                    # at every evaluation can cost more than the evaluation; it is throttled.
+                    if time.perf_counter() - latest_at[1] >= tc.checkpoint_interval_s:
+                        checkpoint(latest)
+                        latest_at = (step, time.perf_counter())
                     tb.flush()
                     if (eval_data is not None and tc.early_stop.patience
                             and bad_evals >= tc.early_stop.patience):
@@ -384,6 +390,8 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False,
         bar.close()
         tb.close()
 
+    if latest_at[0] != step:
+        checkpoint(latest)
     if eval_data is None:
         checkpoint(ck_dir / "best.pt", resumable=False)
         best_step = step
