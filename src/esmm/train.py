@@ -79,8 +79,18 @@ def build_optimizers(model: nn.Module, cfg: Config) -> list[torch.optim.Optimize
     if dense:
         if oc.name in ("adam", "adamw"):
             cls = torch.optim.Adam if oc.name == "adam" else torch.optim.AdamW
-            opts.append(cls(dense, lr=oc.lr, betas=oc.betas, eps=oc.eps,
-                            weight_decay=oc.weight_decay, foreach=True))
+            kw = dict(lr=oc.lr, betas=oc.betas, eps=oc.eps, weight_decay=oc.weight_decay)
+            if oc.fused is False:
+                opts.append(cls(dense, foreach=True, **kw))
+            else:
+                try:
+                    opts.append(cls(dense, fused=True, **kw))
+                except RuntimeError as e:
+                    if oc.fused:
+                        raise ConfigError(f"train.optimizer.fused=true: this torch build has no "
+                                          f"fused {oc.name} for these parameters ({e}); set "
+                                          "it to null or false") from None
+                    opts.append(cls(dense, foreach=True, **kw))
         elif oc.name == "adagrad":
             opts.append(torch.optim.Adagrad(dense, lr=oc.lr, weight_decay=oc.weight_decay))
         else:
