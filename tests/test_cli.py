@@ -124,6 +124,8 @@ def test_config_errors_exit_2(flat_data, tmp_path):
                               "--set", "features.1.name=999"])
     assert res.exit_code == 2
     assert "feature '999'" in _out(res) and "not in the data" in _out(res)
+    # The listing is of the file's columns, including the one the config no longer reads.
+    assert "'205'" in _out(res)
     res = runner.invoke(app, ["train", str(tmp_path / "none.yaml"), "--out", str(tmp_path / "r")])
     assert res.exit_code == 2 and "does not exist" in _out(res)
     res = runner.invoke(app, ["evaluate", str(tmp_path), "--data", str(flat_data["valid"])])

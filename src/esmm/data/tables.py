@@ -35,6 +35,8 @@ class RawTables:
     source: str
     impressions: pa.Table
     users: pa.Table | None = None
+    # Every column the files hold, read or not (for error messages); None: the tables' own.
+    available: tuple[str, ...] | None = None
 
 
 @dataclass
@@ -94,6 +96,14 @@ def _read_parquet(path: Path, columns: list[str] | None) -> pa.Table:
         raise DataError(f"{path}: cannot read as Parquet: {e}") from None
 
 
+def _schema_names(path: Path) -> list[str]:
+    files = _parquet_files(path)
+    try:
+        return list(pq.read_schema(files[0]).names) if files else []
+    except (pa.ArrowInvalid, OSError):
+        return []
+
+
 def _read_csv(path: Path, cfg: DataConfig) -> pa.Table:
     if path.stat().st_size == 0:
         raise DataError(f"{path}: the file is empty (0 bytes)")
@@ -139,8 +149,9 @@ def read_tables(path: str | Path, cfg: DataConfig, columns: list[str] | None = N
         imp_t = _read_parquet(imp, columns)
         # The same column list applies: unused user columns (e.g. bag values) stay on disk.
         users_t = _read_parquet(users, columns) if users is not None else None
-        return RawTables(str(p), imp_t, users_t)
-    return RawTables(str(p), _read_parquet(p, columns))
+        names = _schema_names(imp) + (_schema_names(users) if users is not None else [])
+        return RawTables(str(p), imp_t, users_t, tuple(names))
+    return RawTables(str(p), _read_parquet(p, columns), available=tuple(_schema_names(p)))
 
 
 def _labels_array(t: pa.Table, col: str, source: str, what: str) -> np.ndarray:
@@ -163,7 +174,7 @@ def _labels_array(t: pa.Table, col: str, source: str, what: str) -> np.ndarray:
     if bad.any():
         first = int(np.flatnonzero(bad)[0])
         raise DataError(f"{source}: label column {col!r} must hold only 0 or 1; row {first} holds "
-                        f"{a[first]!r} ({int(bad.sum())} bad row(s) in all)")
+                        f"{a[first].item()!r} ({int(bad.sum())} bad row(s) in all)")
     return a.astype(np.int8)
 
 
@@ -253,7 +264,7 @@ def encode(raw: RawTables, spec: FeatureSpec, cfg: DataConfig, require_labels: b
         on_user = f.name in user_cols and f.name not in imp.column_names
         table = users if on_user else imp
         if table is None or f.name not in table.column_names:
-            have = sorted(set(imp.column_names) | user_cols)
+            have = sorted(set(raw.available or ()) | set(imp.column_names) | user_cols)
             raise ConfigError(
                 f"feature {f.name!r} named in the config is not in the data {src}; "
                 f"columns present: {have[:40]}"
