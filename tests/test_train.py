@@ -111,30 +111,33 @@ def test_sparse_and_dense_embedding_optimizers_train(flat_data, cfg_factory, tmp
     assert model.embedding.tables["205"].sparse == (sparse != "dense")
 
 
-@pytest.mark.parametrize("fused", [None, False])
-def test_fused_adam_is_used_by_default_and_matches_the_loop(flat_data, cfg_factory, tmp_path,
-                                                           fused):
+@pytest.mark.parametrize("fused,sparse,expect", [
+    (None, "dense", True), (None, "sparse_adam", False), (True, "sparse_adam", True),
+    (False, "dense", False)])
+def test_fused_adam_where_it_pays_and_it_matches_the_loop(flat_data, cfg_factory, tmp_path,
+                                                          fused, sparse, expect):
     from esmm.features import spec_from_config
     from esmm.models import build_model
     from esmm.train import build_optimizers
 
     cfg = cfg_factory(flat_data["train"], flat_data["valid"], epochs=1,
-                      sparse_optimizer={"name": "dense"},
+                      sparse_optimizer={"name": sparse},
                       overrides={"train.optimizer.fused": fused})
     torch.manual_seed(0)
     model = build_model(cfg, spec_from_config(cfg))
-    (opt,) = build_optimizers(model, cfg)
-    assert bool(opt.param_groups[0]["fused"]) == (fused is None)
+    opt = build_optimizers(model, cfg)[0]
+    assert bool(opt.param_groups[0]["fused"]) == expect
     # One step of each kernel from the same weights and gradients lands on the same weights.
-    ref = torch.optim.Adam([p.detach().clone().requires_grad_() for p in model.parameters()],
+    params = opt.param_groups[0]["params"]
+    ref = torch.optim.Adam([p.detach().clone().requires_grad_() for p in params],
                            lr=opt.param_groups[0]["lr"], foreach=False)
     g = torch.Generator().manual_seed(1)
-    for p, q in zip(model.parameters(), ref.param_groups[0]["params"], strict=True):
+    for p, q in zip(params, ref.param_groups[0]["params"], strict=True):
         p.grad = torch.randn(p.shape, generator=g)
         q.grad = p.grad.clone()
     opt.step()
     ref.step()
-    for p, q in zip(model.parameters(), ref.param_groups[0]["params"], strict=True):
+    for p, q in zip(params, ref.param_groups[0]["params"], strict=True):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
 
 

@@ -135,8 +135,9 @@ class OptimizerConfig(_Strict):
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     weight_decay: float = Field(default=0.0, ge=0)
-    # adam/adamw only: null uses the fused kernel where this torch build has one for the device
-    # (about 8x faster than the per-tensor loop on a 2M x 16 table on 2 CPU cores).
+    # adam/adamw only. null: the fused kernel when the embedding tables are dense weights
+    # (about 8x faster than the per-tensor loop on a 2M x 16 table on 2 CPU cores) and this
+    # torch build has one; the per-tensor loop otherwise. true: always fused; false: never.
     fused: bool | None = None
 
 

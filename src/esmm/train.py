@@ -80,7 +80,10 @@ def build_optimizers(model: nn.Module, cfg: Config) -> list[torch.optim.Optimize
         if oc.name in ("adam", "adamw"):
             cls = torch.optim.Adam if oc.name == "adam" else torch.optim.AdamW
             kw = dict(lr=oc.lr, betas=oc.betas, eps=oc.eps, weight_decay=oc.weight_decay)
-            if oc.fused is False:
+            # null: fused where it pays, i.e. when the embedding tables are among the dense
+            # weights (sparse_optimizer: dense); towers alone are too small to gain from it.
+            fused = oc.fused if oc.fused is not None else cfg.train.sparse_optimizer.name == "dense"
+            if not fused:
                 opts.append(cls(dense, foreach=True, **kw))
             else:
                 try:
