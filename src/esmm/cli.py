@@ -143,9 +143,12 @@ def evaluate(
                               "data.test, else data.eval)."),
     out: Path = typer.Option(None, "--out", "-o", help="Write metrics as JSON here."),
     batch_size: int = typer.Option(8192, min=1, help="Rows per forward pass."),
+    loader: str = typer.Option("auto", help="'stream': read Parquet chunk by chunk (memory "
+                               "holds scores and labels, not features); 'memory': read the "
+                               "split whole; 'auto': stream Parquet, read CSV whole."),
 ) -> None:
     """Evaluate a trained model: prints a table of every metric and writes metrics.json."""
-    from esmm.data.tables import load_split
+    from esmm.data.stream import open_split
     from esmm.evaluate import evaluate as run_eval
     from esmm.metrics import format_table
     from esmm.train import load_model
@@ -154,7 +157,9 @@ def evaluate(
     path = data or cfg.data.test or cfg.data.eval
     if path is None:
         raise UsageError("no data to evaluate: pass --data PATH")
-    split = load_split(path, spec, cfg.data)
+    if loader not in ("auto", "stream", "memory"):
+        raise UsageError(f"--loader {loader!r}: expected auto, stream or memory")
+    split = open_split(path, spec, cfg.data, loader=loader)
     metrics = run_eval(model, split, batch_size)
     typer.echo(format_table({cfg.model.name: metrics}))
     if out is not None:

@@ -51,6 +51,11 @@ class DataConfig(_Strict):
 
     ``train`` / ``eval`` / ``test`` are a Parquet file, a folder of Parquet files, a CSV file, or a
     normalized folder holding ``impressions.parquet`` and ``users.parquet`` joined by ``user_key``.
+
+    ``loader``: ``memory`` reads a split whole and shuffles every row; ``stream`` reads Parquet
+    ``chunk_rows`` rows at a time and shuffles row groups, then rows within ``shuffle_buffer``
+    rows, so memory does not grow with the data (``auto``: stream Parquet, read other formats
+    whole). ``read_ahead`` batches are prepared in a background thread while the model trains.
     """
 
     train: str | None = None
@@ -64,6 +69,10 @@ class DataConfig(_Strict):
     conversion_without_click: Literal["drop", "error", "keep"] = "drop"
     csv_header: bool = True
     csv_columns: list[str] | None = None
+    loader: Literal["memory", "stream", "auto"] = "memory"
+    chunk_rows: int = Field(default=65_536, gt=0)
+    shuffle_buffer: int = Field(default=262_144, gt=0)
+    read_ahead: int = Field(default=2, ge=0)
 
     @field_validator("user_column", "user_key", "weight_column", mode="before")
     @classmethod

@@ -1,4 +1,9 @@
-"""Run a model over a split and compute every task's metrics."""
+"""Run a model over a split and compute every task's metrics.
+
+A split is in memory (:class:`EncodedData`) or streamed (:class:`ParquetStream`); a streamed
+split is scored chunk by chunk, so only the scores, labels and group ids of its rows (tens of
+bytes per row, which exact AUC needs) are held, never its features.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ import numpy as np
 import torch
 
 from esmm.data.batches import iter_batches
+from esmm.data.stream import Split
 from esmm.data.tables import EncodedData
 from esmm.metrics import compute_metrics
 from esmm.models.base import OUTPUT_NAMES, MultiTaskModel
@@ -46,7 +52,47 @@ def evaluate_arrays(model: MultiTaskModel, data: EncodedData, preds: dict[str, n
                            ground_truth=data.ground_truth or None, spaces=model.metric_spaces)
 
 
-def evaluate(model: MultiTaskModel, data: EncodedData, batch_size: int = 8192
-             ) -> dict[str, float]:
-    """Predict ``data`` and compute its metrics."""
-    return evaluate_arrays(model, data, predict_arrays(model, data, batch_size))
+def predict_split(model: MultiTaskModel, split: Split, batch_size: int = 8192
+                  ) -> tuple[dict[str, np.ndarray], EncodedData]:
+    """Predictions for every row of an in-memory or streamed split, in row order.
+
+    Returns:
+        (predictions, each (N,) float64; the split's labels, groups and ground truth as an
+        :class:`EncodedData` without features).
+    """
+    if isinstance(split, EncodedData):
+        return predict_arrays(model, split, batch_size), split
+    # The batches of the in-memory split, read chunk by chunk: the same predictions, bit for bit.
+    preds: dict[str, list[np.ndarray]] = {k: [] for k in OUTPUT_NAMES}
+    parts: dict[str, list[np.ndarray]] = {}
+    n = 0
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in split.batches(batch_size, extras=True):
+                probs = model.predict(model(batch))
+                for k in OUTPUT_NAMES:
+                    preds[k].append(probs[k].double().numpy())
+                cols = {"click": batch.click, "conversion": batch.conversion,
+                        "groups": batch.groups,
+                        **{f"gt:{g}": a for g, a in batch.ground_truth.items()}}
+                for k, a in cols.items():
+                    if a is not None:
+                        parts.setdefault(k, []).append(np.asarray(a))
+                n += batch.size
+    finally:
+        model.train(was_training)
+    joined = {k: np.concatenate(v) for k, v in parts.items()}
+    keep = EncodedData(source=split.source, n=n, groups=joined.get("groups"))
+    if "click" in joined:
+        keep.click = joined["click"].astype(np.int8)
+        keep.conversion = joined["conversion"].astype(np.int8)
+    keep.ground_truth = {k[3:]: v for k, v in joined.items() if k.startswith("gt:")}
+    return {k: np.concatenate(v) for k, v in preds.items()}, keep
+
+
+def evaluate(model: MultiTaskModel, data: Split, batch_size: int = 8192) -> dict[str, float]:
+    """Predict an in-memory or streamed split and compute its metrics."""
+    preds, labels = predict_split(model, data, batch_size)
+    return evaluate_arrays(model, labels, preds)

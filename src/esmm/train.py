@@ -25,6 +25,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,8 +35,8 @@ from torch import nn
 
 import esmm
 from esmm.config import Config, config_from_dict, dump_config
-from esmm.data.batches import iter_batches, num_batches
-from esmm.data.tables import EncodedData, load_split
+from esmm.data.batches import num_batches, read_ahead
+from esmm.data.stream import Split, open_split, split_batches
 from esmm.errors import ConfigError, EsmmError, UsageError
 from esmm.evaluate import evaluate
 from esmm.features import FeatureSpec, spec_from_config
@@ -189,14 +190,14 @@ def monitor_value(metrics: dict[str, float], monitor: str) -> float:
 
 
 def train(cfg: Config, out_dir: str | Path, *, resume: bool = False,
-          train_data: EncodedData | None = None, eval_data: EncodedData | None = None,
+          train_data: Split | None = None, eval_data: Split | None = None,
           on_step: Callable[[int], None] | None = None) -> TrainResult:
     """Train ``cfg.model`` on ``cfg.data.train``, evaluating on ``cfg.data.eval``.
 
     Args:
         out_dir: the run directory (created).
         resume: continue from ``out_dir/checkpoints/latest.pt``; the config must match.
-        train_data / eval_data: already-encoded splits (skips reading ``cfg.data``).
+        train_data / eval_data: already-opened splits (skips reading ``cfg.data``).
         on_step: called after every optimizer step with the global step.
     """
     run = Path(out_dir)
@@ -229,9 +230,9 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False,
         if not cfg.data.train:
             raise ConfigError("data.train is not set: give the training data path in the config "
                               "or with --set data.train=PATH")
-        train_data = load_split(cfg.data.train, spec, cfg.data)
+        train_data = open_split(cfg.data.train, spec, cfg.data)
     if eval_data is None and cfg.data.eval:
-        eval_data = load_split(cfg.data.eval, spec, cfg.data)
+        eval_data = open_split(cfg.data.eval, spec, cfg.data)
     log.info("train rows: %d (dropped %d conversion-without-click)", train_data.n,
              train_data.dropped_conversion_without_click)
 
@@ -325,78 +326,81 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False,
     model.train()
     try:
         while step < total_steps and epoch < tc.epochs:
-            for batch in iter_batches(train_data, tc.batch_size, shuffle=True, seed=tc.seed,
-                                      epoch=epoch, start_batch=batch_in_epoch,
-                                      block=tc.shuffle_block):
-                out = model(batch)
-                losses = model.losses(out, batch)
-                total = sum(losses.values())
-                if not torch.isfinite(total):
-                    raise EsmmError(f"loss became {total.item()} at step {step + 1} "
-                                    f"({ {k: v.item() for k, v in losses.items()} }); "
-                                    "lower train.optimizer.lr or check the data")
-                for o in opts:
-                    o.zero_grad(set_to_none=True)
-                total.backward()
-                for o in opts:
-                    o.step()
-                step += 1
-                samples += batch.size
-                batch_in_epoch += 1
-                for k, v in losses.items():
-                    loss_sums[k] = loss_sums.get(k, 0.0) + v.item()
-                loss_count += 1
-                bar.update(batch.size)
-                if step % 20 == 0:
-                    bar.set_postfix(loss=f"{total.item():.4f}", refresh=False)
-                if on_step is not None:
-                    on_step(step)
-                end_of_epoch = batch_in_epoch >= steps_per_epoch
-                if end_of_epoch:
-                    epoch += 1
-                    batch_in_epoch = 0
-                if step % eval_every == 0 or step >= total_steps or end_of_epoch:
-                    row: dict[str, Any] = {
-                        "step": step, "epoch": epoch, "samples": samples,
-                        "elapsed_s": round(elapsed_before + time.perf_counter() - t0, 3),
-                    }
-                    for k, v in loss_sums.items():
-                        row[k] = v / max(loss_count, 1)
-                        tb.add_scalar(f"train/{k}", row[k], step)
-                    loss_sums, loss_count = {}, 0
-                    if eval_data is not None:
-                        metrics = evaluate(model, eval_data, tc.eval_batch_size)
-                        row.update(metrics)
-                        row["monitor"] = monitor_value(metrics, monitor)
-                        value = row["monitor"]
-                        for k, v in metrics.items():
-                            if isinstance(v, float) and not math.isnan(v):
-                                tb.add_scalar(f"eval/{k}", v, step)
-                        if _is_better(value, best, mode):
-                            best, best_step, bad_evals = value, step, 0
-                            checkpoint(ck_dir / "best.pt", resumable=False)
-                        else:
-                            bad_evals += 1
-                        log.info("step %d: %s=%.5f (best %.5f at step %s)", step, monitor,
-                                 value, best if best is not None else float("nan"), best_step)
-                    history_rows.append(row)
-                    write_history()
-                    # latest.pt holds optimizer state (3x the weights with Adam), so writing it
-                    # at every evaluation can cost more than the evaluation; it is throttled.
-                    if time.perf_counter() - latest_at[1] >= tc.checkpoint_interval_s:
-                        checkpoint(latest)
-                        latest_at = (step, time.perf_counter())
-                    tb.flush()
-                    if (eval_data is not None and tc.early_stop.patience
-                            and bad_evals >= tc.early_stop.patience):
-                        stopped_early = True
-                        log.info("early stop at step %d: %s has not improved for %d "
-                                 "evaluations", step, monitor, bad_evals)
+            with closing(read_ahead(split_batches(train_data, tc.batch_size, shuffle=True,
+                                                seed=tc.seed, epoch=epoch,
+                                                start_batch=batch_in_epoch,
+                                                block=tc.shuffle_block),
+                                  cfg.data.read_ahead)) as batches:
+                for batch in batches:
+                    out = model(batch)
+                    losses = model.losses(out, batch)
+                    total = sum(losses.values())
+                    if not torch.isfinite(total):
+                        raise EsmmError(f"loss became {total.item()} at step {step + 1} "
+                                        f"({ {k: v.item() for k, v in losses.items()} }); "
+                                        "lower train.optimizer.lr or check the data")
+                    for o in opts:
+                        o.zero_grad(set_to_none=True)
+                    total.backward()
+                    for o in opts:
+                        o.step()
+                    step += 1
+                    samples += batch.size
+                    batch_in_epoch += 1
+                    for k, v in losses.items():
+                        loss_sums[k] = loss_sums.get(k, 0.0) + v.item()
+                    loss_count += 1
+                    bar.update(batch.size)
+                    if step % 20 == 0:
+                        bar.set_postfix(loss=f"{total.item():.4f}", refresh=False)
+                    if on_step is not None:
+                        on_step(step)
+                    end_of_epoch = batch_in_epoch >= steps_per_epoch
+                    if end_of_epoch:
+                        epoch += 1
+                        batch_in_epoch = 0
+                    if step % eval_every == 0 or step >= total_steps or end_of_epoch:
+                        row: dict[str, Any] = {
+                            "step": step, "epoch": epoch, "samples": samples,
+                            "elapsed_s": round(elapsed_before + time.perf_counter() - t0, 3),
+                        }
+                        for k, v in loss_sums.items():
+                            row[k] = v / max(loss_count, 1)
+                            tb.add_scalar(f"train/{k}", row[k], step)
+                        loss_sums, loss_count = {}, 0
+                        if eval_data is not None:
+                            metrics = evaluate(model, eval_data, tc.eval_batch_size)
+                            row.update(metrics)
+                            row["monitor"] = monitor_value(metrics, monitor)
+                            value = row["monitor"]
+                            for k, v in metrics.items():
+                                if isinstance(v, float) and not math.isnan(v):
+                                    tb.add_scalar(f"eval/{k}", v, step)
+                            if _is_better(value, best, mode):
+                                best, best_step, bad_evals = value, step, 0
+                                checkpoint(ck_dir / "best.pt", resumable=False)
+                            else:
+                                bad_evals += 1
+                            log.info("step %d: %s=%.5f (best %.5f at step %s)", step, monitor,
+                                     value, best if best is not None else float("nan"), best_step)
+                        history_rows.append(row)
+                        write_history()
+                        # latest.pt holds optimizer state (3x the weights with Adam), so writing it
+                        # at every evaluation can cost more than the evaluation; it is throttled.
+                        if time.perf_counter() - latest_at[1] >= tc.checkpoint_interval_s:
+                            checkpoint(latest)
+                            latest_at = (step, time.perf_counter())
+                        tb.flush()
+                        if (eval_data is not None and tc.early_stop.patience
+                                and bad_evals >= tc.early_stop.patience):
+                            stopped_early = True
+                            log.info("early stop at step %d: %s has not improved for %d "
+                                     "evaluations", step, monitor, bad_evals)
+                            break
+                    if step >= total_steps:
                         break
-                if step >= total_steps:
-                    break
-                if end_of_epoch:
-                    break
+                    if end_of_epoch:
+                        break
             if stopped_early:
                 break
     finally:

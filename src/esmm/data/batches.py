@@ -7,14 +7,19 @@ impression to its user's row, so a user's bags are embedded once per batch.
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
 from esmm.data.tables import EncodedData
 from esmm.features import take_ragged
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -24,7 +29,8 @@ class Batch:
     ids: field -> (B,) int64 bucket ids; bags: field -> ((nnz,) values, (B + 1,) offsets);
     dense: (B, n_dense) float32; user_ids / user_bags: the same over U users;
     user_index: (B,) int64 row of each impression's user; click / conversion / weight: (B,)
-    float32; rows: (B,) int64 positions of the impressions in their split.
+    float32; rows: (B,) int64 positions of the impressions in their split; groups (B,) and
+    ground_truth (name -> (B,)): numpy arrays for metrics, only when asked for (``extras``).
     """
 
     size: int
@@ -38,12 +44,16 @@ class Batch:
     conversion: torch.Tensor | None = None
     weight: torch.Tensor | None = None
     rows: torch.Tensor | None = None
+    groups: np.ndarray | None = None
+    ground_truth: dict[str, np.ndarray] = field(default_factory=dict)
 
 
-def make_batch(data: EncodedData, rows: np.ndarray) -> Batch:
-    """Gather impressions ``rows`` (K,) of ``data`` into a :class:`Batch`."""
+def make_batch(data: EncodedData, rows: np.ndarray, extras: bool = False) -> Batch:
+    """Gather impressions ``rows`` (K,) of ``data`` into a :class:`Batch` (with group ids and
+    ground truth when ``extras``)."""
     t = torch.from_numpy
-    b = Batch(size=len(rows), rows=t(rows.astype(np.int64)))
+    pos = data.row_ids[rows] if data.row_ids is not None else rows
+    b = Batch(size=len(rows), rows=t(pos.astype(np.int64)))
     for name, arr in data.ids.items():
         b.ids[name] = t(arr[rows])
     for name, (vals, offs) in data.bags.items():
@@ -64,6 +74,9 @@ def make_batch(data: EncodedData, rows: np.ndarray) -> Batch:
         b.conversion = t(data.conversion[rows].astype(np.float32))
     if data.weight is not None:
         b.weight = t(data.weight[rows])
+    if extras:
+        b.groups = data.groups[rows] if data.groups is not None else None
+        b.ground_truth = {k: v[rows] for k, v in data.ground_truth.items()}
     return b
 
 
@@ -76,7 +89,11 @@ def epoch_order(n: int, seed: int, epoch: int, shuffle: bool, block: int = 1) ->
     """
     if not shuffle:
         return np.arange(n, dtype=np.int64)
-    rng = np.random.default_rng([seed, epoch])
+    return shuffled_order(np.random.default_rng([seed, epoch]), n, block)
+
+
+def shuffled_order(rng: np.random.Generator, n: int, block: int = 1) -> np.ndarray:
+    """A permutation of 0..n-1 drawn from ``rng``, moving blocks of ``block`` rows together."""
     if block <= 1:
         return rng.permutation(n).astype(np.int64)
     n_blocks = (n + block - 1) // block
@@ -95,3 +112,59 @@ def iter_batches(data: EncodedData, batch_size: int, *, shuffle: bool = False, s
 
 def num_batches(n: int, batch_size: int) -> int:
     return (n + batch_size - 1) // batch_size
+
+
+_DONE = object()
+
+
+def read_ahead(batches: Iterator[T], depth: int) -> Iterator[T]:
+    """Run ``batches`` in a background thread, ``depth`` items ahead of the consumer.
+
+    The gathers that build a batch (numpy, mostly outside the GIL) then overlap the model's
+    step. Items come out in the same order as without read-ahead; an exception raised while
+    producing them is raised here. Closing this generator stops the thread.
+    """
+    if depth <= 0:
+        yield from batches
+        return
+    q: queue.Queue[Any] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in batches:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(_DONE)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer to raise
+            q.put(_Failure(e))
+
+    thread = threading.Thread(target=produce, name="esmm-read-ahead", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is _DONE:
+                return
+            if isinstance(item, _Failure):
+                raise item.error
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():
+            try:  # unblock a producer waiting on a full queue
+                q.get_nowait()
+            except queue.Empty:
+                pass
+            thread.join(timeout=0.05)
+
+
+@dataclass
+class _Failure:
+    error: BaseException

@@ -9,6 +9,7 @@ time, so a user's behaviour bags are stored and embedded once per batch, not onc
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,6 +62,9 @@ class EncodedData:
     weight: np.ndarray | None = None  # (N,) float32
     groups: np.ndarray | None = None  # (N,) user ids for GAUC
     ground_truth: dict[str, np.ndarray] = field(default_factory=dict)
+    # (N,) int64 positions of the rows in their split; None: 0..N-1 (a streamed chunk's rows
+    # start further on).
+    row_ids: np.ndarray | None = None
     rows_read: int = 0
     dropped_conversion_without_click: int = 0
     kept_conversion_without_click: int = 0
@@ -154,7 +158,8 @@ def read_tables(path: str | Path, cfg: DataConfig, columns: list[str] | None = N
     return RawTables(str(p), _read_parquet(p, columns), available=tuple(_schema_names(p)))
 
 
-def _labels_array(t: pa.Table, col: str, source: str, what: str) -> np.ndarray:
+def _labels_array(t: pa.Table, col: str, source: str, what: str, row_offset: int = 0
+                  ) -> np.ndarray:
     if col not in t.column_names:
         raise DataError(
             f"{source}: the {what} label column {col!r} is missing; columns present: "
@@ -164,7 +169,7 @@ def _labels_array(t: pa.Table, col: str, source: str, what: str) -> np.ndarray:
     if arr.null_count:
         first = int(np.flatnonzero(arr.is_null().to_numpy(zero_copy_only=False))[0])
         raise DataError(f"{source}: label column {col!r} has {arr.null_count} missing value(s), "
-                        f"first at row {first}; expected 0 or 1")
+                        f"first at row {row_offset + first}; expected 0 or 1")
     a = arr.to_numpy()
     if a.dtype == bool:
         return a.astype(np.int8)
@@ -173,8 +178,9 @@ def _labels_array(t: pa.Table, col: str, source: str, what: str) -> np.ndarray:
     bad = (a != 0) & (a != 1)
     if bad.any():
         first = int(np.flatnonzero(bad)[0])
-        raise DataError(f"{source}: label column {col!r} must hold only 0 or 1; row {first} holds "
-                        f"{a[first].item()!r} ({int(bad.sum())} bad row(s) in all)")
+        raise DataError(f"{source}: label column {col!r} must hold only 0 or 1; row "
+                        f"{row_offset + first} holds {a[first].item()!r} ({int(bad.sum())} bad "
+                        "row(s) in all)")
     return a.astype(np.int8)
 
 
@@ -189,22 +195,97 @@ def needed_columns(spec: FeatureSpec, cfg: DataConfig) -> list[str]:
     return list(dict.fromkeys(cols))
 
 
-def encode(raw: RawTables, spec: FeatureSpec, cfg: DataConfig, require_labels: bool = True
+@dataclass
+class UserSide:
+    """The users table of a normalized split, encoded once (U users).
+
+    ``ids``/``bags``/``dense`` hold the user-side fields over the U users; ``keys_sorted`` (U,)
+    and ``order`` (U,) map an impression's key to its user's row.
+    """
+
+    key: str
+    keys_sorted: np.ndarray
+    order: np.ndarray
+    columns: frozenset[str]
+    ids: dict[str, np.ndarray] = field(default_factory=dict)
+    bags: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    dense: dict[str, np.ndarray] = field(default_factory=dict)
+    groups: np.ndarray | None = None
+
+    @property
+    def n(self) -> int:
+        return len(self.order)
+
+    def rows_of(self, ikeys: np.ndarray, src: str, row_offset: int = 0) -> np.ndarray:
+        """(N,) user rows of impression keys ``ikeys`` (N,); an unknown key is an error."""
+        sk = self.keys_sorted
+        pos = np.minimum(np.searchsorted(sk, ikeys), len(sk) - 1)
+        missing = sk[pos] != ikeys
+        if missing.any():
+            first = int(np.flatnonzero(missing)[0])
+            raise DataError(f"{src}: {int(missing.sum())} impression(s) have a {self.key!r} "
+                            f"absent from the users table (first at row {row_offset + first}: "
+                            f"{ikeys[first]!r})")
+        return self.order[pos].astype(np.int64)
+
+
+def encode_users(users: pa.Table, impression_columns: Sequence[str], spec: FeatureSpec,
+                 cfg: DataConfig, src: str) -> UserSide:
+    """Encode the user-side fields of a users table (the fields impressions do not carry)."""
+    key = cfg.user_key
+    if key not in users.column_names:
+        raise DataError(f"{src}: the users table lacks the join key column {key!r} "
+                        "(data.user_key)")
+    ukeys = users.column(key).to_numpy(zero_copy_only=False)
+    order = np.argsort(ukeys, kind="stable")
+    sk = ukeys[order]
+    if len(sk) == 0:
+        raise DataError(f"{src}: the users table has no rows")
+    if len(sk) > 1 and np.any(sk[1:] == sk[:-1]):
+        dup = sk[1:][sk[1:] == sk[:-1]][0]
+        raise DataError(f"{src}: users table has key {dup!r} more than once")
+    cols = frozenset(users.column_names) - {key}
+    side = UserSide(key, sk, order, cols)
+    where = f"{src} (users)"
+    for f in spec.fields:
+        if f.name not in cols or f.name in impression_columns:
+            continue
+        col = users.column(f.name)
+        if f.kind == "categorical":
+            side.ids[f.name] = encode_categorical(col, f, where)
+        elif f.kind == "multi_categorical":
+            side.bags[f.name] = encode_bag(col, f, where)
+        else:
+            side.dense[f.name] = encode_dense(col, f, where)
+    uc = cfg.user_column
+    if uc and uc in cols and uc not in impression_columns:
+        side.groups = pc.fill_null(users.column(uc), 0).to_numpy()
+    return side
+
+
+def encode(raw: RawTables, spec: FeatureSpec, cfg: DataConfig, require_labels: bool = True,
+           *, users: UserSide | None = None, row_offset: int = 0, quiet: bool = False
            ) -> EncodedData:
-    """Validate and encode a split into numpy arrays (see :class:`EncodedData`)."""
+    """Validate and encode a split (or one chunk of it) into numpy arrays.
+
+    Args:
+        users: the split's users, already encoded (a streamed split encodes them once);
+            None encodes ``raw.users`` here.
+        row_offset: position of the chunk's first row in its file, for error messages.
+        quiet: do not log dropped rows (a streamed split reports them once for the split).
+    """
     src = raw.source
     imp = raw.impressions
     if imp.num_rows == 0:
         raise DataError(f"{src}: the table has no rows")
-    users = raw.users
     rows_read = imp.num_rows
 
     # Labels first: rows may be dropped before any feature is encoded.
     click = conversion = None
     dropped = kept = 0
     if require_labels:
-        click = _labels_array(imp, cfg.labels.click, src, "click")
-        conversion = _labels_array(imp, cfg.labels.conversion, src, "conversion")
+        click = _labels_array(imp, cfg.labels.click, src, "click", row_offset)
+        conversion = _labels_array(imp, cfg.labels.conversion, src, "conversion", row_offset)
         bad = (conversion == 1) & (click == 0)
         n_bad = int(bad.sum())
         if n_bad:
@@ -212,21 +293,24 @@ def encode(raw: RawTables, spec: FeatureSpec, cfg: DataConfig, require_labels: b
             if policy == "error":
                 first = int(np.flatnonzero(bad)[0])
                 raise DataError(
-                    f"{src}: {n_bad} row(s) have conversion=1 with click=0 (first at row {first}); "
-                    "set `data.conversion_without_click: drop` (or keep) to go on"
+                    f"{src}: {n_bad} row(s) have conversion=1 with click=0 (first at row "
+                    f"{row_offset + first}); set `data.conversion_without_click: drop` (or keep) "
+                    "to go on"
                 )
             if policy == "drop":
                 keep = ~bad
                 imp = imp.filter(pa.array(keep))
                 click, conversion = click[keep], conversion[keep]
                 dropped = n_bad
-                log.warning("%s: dropped %d row(s) with conversion=1 and click=0 "
-                            "(data.conversion_without_click=drop)", src, n_bad)
+                if not quiet:
+                    log.warning("%s: dropped %d row(s) with conversion=1 and click=0 "
+                                "(data.conversion_without_click=drop)", src, n_bad)
             else:
                 kept = n_bad
-                log.warning("%s: kept %d row(s) with conversion=1 and click=0; they count as "
-                            "CTCVR negatives", src, n_bad)
-        if imp.num_rows == 0:
+                if not quiet:
+                    log.warning("%s: kept %d row(s) with conversion=1 and click=0; they count "
+                                "as CTCVR negatives", src, n_bad)
+        if imp.num_rows == 0 and not quiet:
             raise DataError(f"{src}: no rows left after dropping conversions without clicks")
 
     out = EncodedData(source=src, n=imp.num_rows, click=click, conversion=conversion,
@@ -234,50 +318,41 @@ def encode(raw: RawTables, spec: FeatureSpec, cfg: DataConfig, require_labels: b
                       kept_conversion_without_click=kept)
 
     # Join impressions to users by key.
-    user_cols: set[str] = set()
+    if users is None and raw.users is not None:
+        users = encode_users(raw.users, imp.column_names, spec, cfg, src)
+    user_cols: frozenset[str] = frozenset()
     if users is not None:
-        key = cfg.user_key
-        for t, what in ((imp, "impressions"), (users, "users")):
-            if key not in t.column_names:
-                raise DataError(f"{src}: the {what} table lacks the join key column {key!r} "
-                                "(data.user_key)")
-        ukeys = users.column(key).to_numpy(zero_copy_only=False)
-        ikeys = imp.column(key).to_numpy(zero_copy_only=False)
-        order = np.argsort(ukeys, kind="stable")
-        sk = ukeys[order]
-        if len(sk) > 1 and np.any(sk[1:] == sk[:-1]):
-            dup = sk[1:][sk[1:] == sk[:-1]][0]
-            raise DataError(f"{src}: users table has key {dup!r} more than once")
-        pos = np.searchsorted(sk, ikeys)
-        pos_c = np.minimum(pos, len(sk) - 1)
-        missing = sk[pos_c] != ikeys
-        if missing.any():
-            first = int(np.flatnonzero(missing)[0])
-            raise DataError(f"{src}: {int(missing.sum())} impression(s) have a {key!r} absent from "
-                            f"the users table (first at row {first}: {ikeys[first]!r})")
-        out.user_row = order[pos_c].astype(np.int64)
-        out.n_users = users.num_rows
-        user_cols = set(users.column_names) - {key}
+        if users.key not in imp.column_names:
+            raise DataError(f"{src}: the impressions table lacks the join key column "
+                            f"{users.key!r} (data.user_key)")
+        out.user_row = users.rows_of(imp.column(users.key).to_numpy(zero_copy_only=False), src,
+                                     row_offset)
+        out.n_users = users.n
+        out.user_ids, out.user_bags = users.ids, users.bags
+        user_cols = users.columns
 
     dense_cols = []
+    where = f"{src} (impressions)" if users is not None else src
+    if row_offset:
+        where += f", rows from {row_offset}"
     for f in spec.fields:
-        on_user = f.name in user_cols and f.name not in imp.column_names
-        table = users if on_user else imp
-        if table is None or f.name not in table.column_names:
+        if f.name in imp.column_names:
+            col = imp.column(f.name)
+            if f.kind == "categorical":
+                out.ids[f.name] = encode_categorical(col, f, where)
+            elif f.kind == "multi_categorical":
+                out.bags[f.name] = encode_bag(col, f, where)
+            else:
+                dense_cols.append(encode_dense(col, f, where))
+        elif f.name in user_cols:
+            if f.kind == "dense":
+                dense_cols.append(users.dense[f.name][out.user_row])
+        else:
             have = sorted(set(raw.available or ()) | set(imp.column_names) | user_cols)
             raise ConfigError(
                 f"feature {f.name!r} named in the config is not in the data {src}; "
                 f"columns present: {have[:40]}"
             )
-        col = table.column(f.name)
-        where = f"{src} ({'users' if on_user else 'impressions'})"
-        if f.kind == "categorical":
-            (out.user_ids if on_user else out.ids)[f.name] = encode_categorical(col, f, where)
-        elif f.kind == "multi_categorical":
-            (out.user_bags if on_user else out.bags)[f.name] = encode_bag(col, f, where)
-        else:
-            v = encode_dense(col, f, where)
-            dense_cols.append(v[out.user_row] if on_user else v)
     if dense_cols:
         out.dense = np.stack(dense_cols, axis=1)  # (N, n_dense)
 
@@ -295,9 +370,9 @@ def encode(raw: RawTables, spec: FeatureSpec, cfg: DataConfig, require_labels: b
     if uc:
         if uc in imp.column_names:
             out.groups = pc.fill_null(imp.column(uc), 0).to_numpy()
-        elif uc in user_cols and out.user_row is not None:
-            out.groups = pc.fill_null(users.column(uc), 0).to_numpy()[out.user_row]
-        else:
+        elif users is not None and users.groups is not None:
+            out.groups = users.groups[out.user_row]
+        elif not quiet:
             log.info("%s: user column %r not found; GAUC metrics are skipped", src, uc)
     for g in GROUND_TRUTH_COLUMNS:
         if g in imp.column_names:

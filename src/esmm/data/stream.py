@@ -1,0 +1,330 @@
+"""Streaming a Parquet split: bounded memory whatever the number of rows.
+
+A :class:`ParquetStream` reads the impressions of a split in chunks of ``data.chunk_rows``
+rows, row group by row group, and encodes each chunk on its own; the users table of a
+normalized split (one row per user) is encoded once and kept. Training shuffles in two
+levels, both fixed by (seed, epoch): the order of the row groups, then the rows within a
+buffer of ``data.shuffle_buffer`` rows. Memory is then bounded by the buffer, a chunk and the
+batches read ahead, not by the number of impressions. Unshuffled (evaluation, prediction) a
+stream yields exactly the rows and batches of the in-memory split, in file order.
+
+Before the first epoch the label columns alone are read once, to validate them and to count
+the rows an epoch holds after dropping conversions without clicks (two int columns: cheap).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from esmm.config import DataConfig
+from esmm.data.batches import Batch, make_batch, shuffled_order
+from esmm.data.tables import (
+    GROUND_TRUTH_COLUMNS,
+    EncodedData,
+    RawTables,
+    UserSide,
+    _labels_array,
+    _parquet_files,
+    _read_parquet,
+    _schema_names,
+    encode,
+    encode_users,
+    load_split,
+    needed_columns,
+)
+from esmm.errors import ConfigError, DataError
+from esmm.features import FeatureSpec, take_ragged
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _Unit:
+    """One row group of one file: the unit of reading and of the first shuffle level."""
+
+    file: Path
+    row_group: int
+    rows: int  # rows in the file
+    kept: int  # rows left after dropping conversions without clicks
+    first_row: int  # position of the row group's first row in its file
+    first_kept: int  # position of its first kept row in the split
+
+
+class ParquetStream:
+    """A Parquet split read chunk by chunk (see the module docstring).
+
+    Attributes:
+        n: impressions in the split after dropping conversions without clicks.
+        rows_read, dropped_conversion_without_click: as on :class:`EncodedData`.
+        max_buffer_rows: the most rows held in the shuffle buffer at once during the latest
+            call of :meth:`batches`.
+    """
+
+    def __init__(self, path: str | Path, spec: FeatureSpec, cfg: DataConfig,
+                 require_labels: bool = True, columns: Sequence[str] | None = None) -> None:
+        p = Path(path)
+        if not p.exists():
+            raise DataError(f"{p}: no such file or folder")
+        self.source = str(p)
+        self.spec, self.cfg, self.require_labels = spec, cfg, require_labels
+        imp_path, users_path = p, None
+        if p.is_dir():
+            for name in ("impressions.parquet", "impressions"):
+                if (p / name).exists():
+                    imp_path = p / name
+            for name in ("users.parquet", "users"):
+                if (p / name).exists():
+                    users_path = p / name
+        files = _parquet_files(imp_path)
+        if not files:
+            raise DataError(f"{imp_path}: no Parquet files found")
+        want = list(dict.fromkeys([*needed_columns(spec, cfg), *(columns or ())]))
+        self.available = tuple(_schema_names(imp_path)
+                               + (_schema_names(users_path) if users_path else []))
+        self.users: UserSide | None = None
+        if users_path is not None:
+            users = _read_parquet(users_path, want)
+            self.users = encode_users(users, _schema_names(imp_path), spec, cfg, self.source)
+            del users
+        self.units: list[_Unit] = []
+        self.rows_read = self.dropped_conversion_without_click = 0
+        self.kept_conversion_without_click = 0
+        kept_total = 0
+        self._columns = want
+        for f in files:
+            if f.stat().st_size == 0:
+                raise DataError(f"{f}: the file is empty (0 bytes)")
+            try:
+                pf = pq.ParquetFile(f)
+            except (pa.ArrowInvalid, OSError) as e:
+                raise DataError(f"{f}: cannot read as Parquet: {e}") from None
+            first_row = 0
+            for rg in range(pf.num_row_groups):
+                rows = pf.metadata.row_group(rg).num_rows
+                if rows == 0:
+                    continue
+                kept = rows
+                if require_labels:
+                    kept = rows - self._count_dropped(pf, f, rg, first_row)
+                self.units.append(_Unit(f, rg, rows, kept, first_row, kept_total))
+                first_row += rows
+                kept_total += kept
+                self.rows_read += rows
+        self.n = kept_total
+        if self.rows_read == 0:
+            raise DataError(f"{self.source}: the table has no rows")
+        if self.n == 0:
+            raise DataError(f"{self.source}: no rows left after dropping conversions without "
+                            "clicks")
+        if self.dropped_conversion_without_click:
+            log.warning("%s: dropped %d row(s) with conversion=1 and click=0 "
+                        "(data.conversion_without_click=drop)", self.source,
+                        self.dropped_conversion_without_click)
+        if self.kept_conversion_without_click:
+            log.warning("%s: kept %d row(s) with conversion=1 and click=0; they count as CTCVR "
+                        "negatives", self.source, self.kept_conversion_without_click)
+        self.max_buffer_rows = 0
+        # Fail on a bad feature column now, not an epoch into training.
+        next(self.chunks(units=self.units[:1]), None)
+
+    def _count_dropped(self, pf: pq.ParquetFile, f: Path, rg: int, first_row: int) -> int:
+        labels = self.cfg.labels
+        cols = [c for c in (labels.click, labels.conversion) if c in pf.schema_arrow.names]
+        t = pf.read_row_group(rg, columns=cols)
+        src = f"{f}, row group {rg}"
+        click = _labels_array(t, labels.click, src, "click", first_row)
+        conv = _labels_array(t, labels.conversion, src, "conversion", first_row)
+        bad = (conv == 1) & (click == 0)
+        n_bad = int(bad.sum())
+        if not n_bad:
+            return 0
+        policy = self.cfg.conversion_without_click
+        if policy == "error":
+            first = first_row + int(np.flatnonzero(bad)[0])
+            raise DataError(f"{f}: row {first} has conversion=1 with click=0; set "
+                            "`data.conversion_without_click: drop` (or keep) to go on")
+        if policy == "keep":
+            self.kept_conversion_without_click += n_bad
+            return 0
+        self.dropped_conversion_without_click += n_bad
+        return n_bad
+
+    @property
+    def has_labels(self) -> bool:
+        return self.require_labels
+
+    def chunks(self, units: Sequence[_Unit] | None = None) -> Iterator[EncodedData]:
+        """Encoded chunks of at most ``data.chunk_rows`` rows, unit by unit, in file order
+        within a unit. ``row_ids`` hold each row's position in the split."""
+        for u in self.units if units is None else units:
+            pf = pq.ParquetFile(u.file)
+            names = pf.schema_arrow.names
+            cols = [c for c in self._columns if c in names]
+            row = u.first_row
+            kept = u.first_kept
+            for rb in pf.iter_batches(batch_size=self.cfg.chunk_rows, row_groups=[u.row_group],
+                                      columns=cols):
+                raw = RawTables(f"{u.file}", pa.Table.from_batches([rb]),
+                                available=self.available)
+                chunk = encode(raw, self.spec, self.cfg, self.require_labels, users=self.users,
+                               row_offset=row, quiet=True)
+                chunk.row_ids = np.arange(kept, kept + chunk.n, dtype=np.int64)
+                row += rb.num_rows
+                kept += chunk.n
+                if chunk.n:
+                    yield chunk
+
+    def batches(self, batch_size: int, *, shuffle: bool = False, seed: int = 0, epoch: int = 0,
+                start_batch: int = 0, block: int = 1, extras: bool = False) -> Iterator[Batch]:
+        """The batches of one epoch, starting at batch ``start_batch`` (for resuming), with
+        group ids and ground truth when ``extras``.
+
+        Unshuffled: consecutive rows in file order, as :func:`iter_batches` of the in-memory
+        split gives. Shuffled: row groups in an order drawn from (seed, epoch), then rows
+        shuffled within buffers of ``data.shuffle_buffer`` rows (in blocks of ``block``).
+        Every kept row appears exactly once per epoch; every batch but the last is full.
+        """
+        rng = np.random.default_rng([seed, epoch, 1])
+        units = self.units
+        if shuffle:
+            units = [units[i] for i in rng.permutation(len(units))]
+        buffer_rows = max(self.cfg.shuffle_buffer, batch_size) if shuffle else batch_size
+        pending: list[EncodedData] = []
+        n_pending = 0
+        index = 0
+        self.max_buffer_rows = 0
+        for chunk in self.chunks(units):
+            pending.append(chunk)
+            n_pending += chunk.n
+            if n_pending < buffer_rows:
+                continue
+            data = concat_encoded(pending)
+            self.max_buffer_rows = max(self.max_buffer_rows, data.n)
+            order = shuffled_order(rng, data.n, block) if shuffle else np.arange(data.n)
+            full = data.n // batch_size * batch_size
+            for s in range(0, full, batch_size):
+                if index >= start_batch:
+                    yield make_batch(data, order[s:s + batch_size], extras)
+                index += 1
+            rest = order[full:]
+            pending = [take_encoded(data, np.sort(rest))] if len(rest) else []
+            n_pending = len(rest)
+        if n_pending:
+            data = concat_encoded(pending)
+            order = shuffled_order(rng, data.n, block) if shuffle else np.arange(data.n)
+            for s in range(0, data.n, batch_size):
+                if index >= start_batch:
+                    yield make_batch(data, order[s:s + batch_size], extras)
+                index += 1
+
+
+Split = EncodedData | ParquetStream
+
+
+def open_split(path: str | Path, spec: FeatureSpec, cfg: DataConfig, require_labels: bool = True,
+               loader: str | None = None) -> Split:
+    """A split as ``data.loader`` (or ``loader``) says: in memory or streamed.
+
+    ``auto`` streams Parquet and reads other formats into memory.
+    """
+    how = loader or cfg.loader
+    fmt = cfg.format
+    p = Path(path)
+    if fmt == "auto":
+        fmt = "csv" if p.is_file() and p.suffix.lower() in (".csv", ".txt") else "parquet"
+    if how == "auto":
+        how = "stream" if fmt == "parquet" else "memory"
+    if how == "stream":
+        if fmt != "parquet":
+            raise ConfigError(f"data.loader=stream reads Parquet, but {p} is read as {fmt!r}; "
+                              "set data.loader=memory, or convert the file to Parquet")
+        return ParquetStream(p, spec, cfg, require_labels)
+    return load_split(p, spec, cfg, require_labels)
+
+
+def split_chunks(split: Split) -> Iterator[EncodedData]:
+    """The encoded chunks of a split in row order (an in-memory split is one chunk)."""
+    if isinstance(split, ParquetStream):
+        yield from split.chunks()
+    else:
+        yield split
+
+
+def split_batches(split: Split, batch_size: int, *, shuffle: bool = False, seed: int = 0,
+                  epoch: int = 0, start_batch: int = 0, block: int = 1) -> Iterator[Batch]:
+    """The batches of one epoch of an in-memory or streamed split."""
+    if isinstance(split, ParquetStream):
+        return split.batches(batch_size, shuffle=shuffle, seed=seed, epoch=epoch,
+                             start_batch=start_batch, block=block)
+    from esmm.data.batches import iter_batches
+
+    return iter_batches(split, batch_size, shuffle=shuffle, seed=seed, epoch=epoch,
+                        start_batch=start_batch, block=block)
+
+
+# ----------------------------------------------------------------------------- chunk algebra
+
+
+def _cat(arrays: list[np.ndarray | None]) -> np.ndarray | None:
+    if arrays[0] is None:
+        return None
+    return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+
+
+def _cat_ragged(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    if len(parts) == 1:
+        return parts[0]
+    values = np.concatenate([v for v, _ in parts])
+    shift = np.cumsum([0] + [len(v) for v, _ in parts[:-1]])
+    offsets = np.concatenate([parts[0][1][:1]] + [o[1:] + s for (_, o), s in zip(parts, shift,
+                                                                                    strict=True)])
+    return values, offsets
+
+
+def concat_encoded(parts: list[EncodedData]) -> EncodedData:
+    """Rows of several chunks of one split as one :class:`EncodedData` (users shared)."""
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    out = EncodedData(source=first.source, n=sum(p.n for p in parts), n_users=first.n_users,
+                      user_ids=first.user_ids, user_bags=first.user_bags)
+    out.ids = {k: np.concatenate([p.ids[k] for p in parts]) for k in first.ids}
+    out.bags = {k: _cat_ragged([p.bags[k] for p in parts]) for k in first.bags}
+    out.dense = _cat([p.dense for p in parts])
+    out.user_row = _cat([p.user_row for p in parts])
+    out.click = _cat([p.click for p in parts])
+    out.conversion = _cat([p.conversion for p in parts])
+    out.weight = _cat([p.weight for p in parts])
+    out.groups = _cat([p.groups for p in parts])
+    out.row_ids = _cat([p.row_ids if p.row_ids is not None else np.arange(p.n) for p in parts])
+    out.ground_truth = {k: np.concatenate([p.ground_truth[k] for p in parts])
+                        for k in first.ground_truth}
+    return out
+
+
+def take_encoded(data: EncodedData, rows: np.ndarray) -> EncodedData:
+    """Rows ``rows`` (K,) of ``data`` as a new :class:`EncodedData` (users shared)."""
+    def tk(a: np.ndarray | None) -> np.ndarray | None:
+        return None if a is None else a[rows]
+
+    out = EncodedData(source=data.source, n=len(rows), n_users=data.n_users,
+                      user_ids=data.user_ids, user_bags=data.user_bags)
+    out.ids = {k: v[rows] for k, v in data.ids.items()}
+    out.bags = {k: take_ragged(v, o, rows) for k, (v, o) in data.bags.items()}
+    out.dense, out.user_row = tk(data.dense), tk(data.user_row)
+    out.click, out.conversion, out.weight = tk(data.click), tk(data.conversion), tk(data.weight)
+    out.groups = tk(data.groups)
+    out.row_ids = data.row_ids[rows] if data.row_ids is not None else rows.astype(np.int64)
+    out.ground_truth = {k: v[rows] for k, v in data.ground_truth.items()}
+    return out
+
+
+__all__ = ["GROUND_TRUTH_COLUMNS", "ParquetStream", "Split", "concat_encoded", "open_split",
+           "split_batches", "split_chunks", "take_encoded"]
