@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import esmm
-from esmm.errors import UsageError
+from esmm.errors import ConfigError, UsageError
 from esmm.train import load_checkpoint, load_model, save_atomic, train
 
 
@@ -185,3 +185,16 @@ def test_default_monitor_is_validation_logloss(flat_data, cfg_factory, tmp_path)
     sums = [float(r["ctr_logloss"]) + float(r["cvr_logloss"]) for r in hist]
     assert [float(r["monitor"]) for r in hist] == pytest.approx(sums)
     assert int(hist[sums.index(min(sums))]["step"]) == res.best_step
+
+
+def test_device_setting_is_checked_before_training(flat_data, cfg_factory, tmp_path):
+    with pytest.raises(ConfigError, match=r"train.device"):
+        cfg_factory(flat_data["train"], max_steps=2, device="gpu")
+    if not torch.cuda.is_available():
+        cfg = cfg_factory(flat_data["train"], max_steps=2, device="cuda")
+        with pytest.raises(ConfigError, match=r"train.device=cuda: .*no CUDA device"):
+            train(cfg, tmp_path / "cuda")
+    # auto resolves to what this machine has, and the run trains there.
+    cfg = cfg_factory(flat_data["train"], flat_data["valid"], max_steps=5, device="auto")
+    res = train(cfg, tmp_path / "auto")
+    assert res.step == 5 and res.metrics["n_impressions"] == 4000

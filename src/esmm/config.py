@@ -186,6 +186,8 @@ class TrainConfig(_Strict):
     num_threads: int | None = Field(default=None, gt=0)
     progress: Literal["auto", "on", "off"] = "auto"
     checkpoint_interval_s: float = Field(default=60.0, ge=0.0)
+    # cpu, cuda, cuda:N, or auto (cuda when torch sees a GPU, else cpu).
+    device: str = Field(default="cpu", pattern=r"^(cpu|auto|cuda(:\d+)?)$")
 
     @field_validator("progress", mode="before")
     @classmethod

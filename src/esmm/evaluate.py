@@ -12,13 +12,21 @@ import logging
 import numpy as np
 import torch
 
-from esmm.data.batches import iter_batches
+from esmm.data.batches import iter_batches, read_ahead
 from esmm.data.stream import Split
 from esmm.data.tables import EncodedData
 from esmm.metrics import compute_metrics
 from esmm.models.base import OUTPUT_NAMES, MultiTaskModel
 
 log = logging.getLogger(__name__)
+
+# Batches prepared ahead in a background thread while the model scores the current one.
+READ_AHEAD = 2
+
+
+def _device(model: MultiTaskModel) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
 
 
 @torch.no_grad()
@@ -31,13 +39,14 @@ def predict_arrays(model: MultiTaskModel, data: EncodedData, batch_size: int = 8
     """
     was_training = model.training
     model.eval()
+    device = _device(model)
     out = {k: np.empty(data.n, dtype=np.float64) for k in OUTPUT_NAMES}
     pos = 0
     try:
-        for batch in iter_batches(data, batch_size, shuffle=False):
-            probs = model.predict(model(batch))
+        for batch in read_ahead(iter_batches(data, batch_size, shuffle=False), READ_AHEAD):
+            probs = model.predict(model(batch.to(device)))
             for k in OUTPUT_NAMES:
-                out[k][pos:pos + batch.size] = probs[k].double().numpy()
+                out[k][pos:pos + batch.size] = probs[k].double().cpu().numpy()
             pos += batch.size
     finally:
         model.train(was_training)
@@ -68,12 +77,13 @@ def predict_split(model: MultiTaskModel, split: Split, batch_size: int = 8192
     n = 0
     was_training = model.training
     model.eval()
+    device = _device(model)
     try:
         with torch.no_grad():
-            for batch in split.batches(batch_size, extras=True):
-                probs = model.predict(model(batch))
+            for batch in read_ahead(split.batches(batch_size, extras=True), READ_AHEAD):
+                probs = model.predict(model(batch.to(device)))
                 for k in OUTPUT_NAMES:
-                    preds[k].append(probs[k].double().numpy())
+                    preds[k].append(probs[k].double().cpu().numpy())
                 cols = {"click": batch.click, "conversion": batch.conversion,
                         "groups": batch.groups,
                         **{f"gt:{g}": a for g, a in batch.ground_truth.items()}}

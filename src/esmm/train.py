@@ -162,6 +162,22 @@ def load_model(run: str | Path, which: str = "best"
 # ----------------------------------------------------------------------------- the loop
 
 
+def resolve_device(setting: str) -> torch.device:
+    """The torch device of ``train.device`` (``auto``: cuda when available, else cpu)."""
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(setting)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"train.device={setting}: this torch build or machine has no CUDA "
+                              "device (torch.cuda.is_available() is False); set train.device=cpu "
+                              "or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"train.device={setting}: only {torch.cuda.device_count()} CUDA "
+                              "device(s) here")
+    return device
+
+
 def _progress_enabled(setting: str) -> bool:
     rank = int(os.environ.get("RANK", "0"))
     if rank != 0 or setting == "off":
@@ -236,7 +252,8 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False,
     log.info("train rows: %d (dropped %d conversion-without-click)", train_data.n,
              train_data.dropped_conversion_without_click)
 
-    model = build_model(cfg, spec)
+    device = resolve_device(tc.device)
+    model = build_model(cfg, spec).to(device)
     opts = build_optimizers(model, cfg)
     monitor = tc.early_stop.metric if tc.early_stop.metric != "auto" else model.monitor
     mode = tc.early_stop.mode
@@ -267,6 +284,8 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False,
         for o, s in zip(opts, state["optimizers"], strict=True):
             o.load_state_dict(s)
         torch.set_rng_state(state["torch_rng"])
+        if device.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
         step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         samples = state.get("samples", 0)
         best, best_step, bad_evals = state["best_metric"], state["best_step"], state["bad_evals"]
@@ -289,7 +308,9 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False,
         extra: dict[str, Any] = {}
         if resumable:
             extra = {"optimizers": [o.state_dict() for o in opts],
-                     "torch_rng": torch.get_rng_state()}
+                     "torch_rng": torch.get_rng_state(),
+                     "cuda_rng": (torch.cuda.get_rng_state(device) if device.type == "cuda"
+                                  else None)}
         save_atomic({
             "model": model.state_dict(),
             **extra,
@@ -332,6 +353,7 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False,
                                                 block=tc.shuffle_block),
                                   cfg.data.read_ahead)) as batches:
                 for batch in batches:
+                    batch = batch.to(device)
                     out = model(batch)
                     losses = model.losses(out, batch)
                     total = sum(losses.values())

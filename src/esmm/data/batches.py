@@ -47,6 +47,24 @@ class Batch:
     groups: np.ndarray | None = None
     ground_truth: dict[str, np.ndarray] = field(default_factory=dict)
 
+    def to(self, device: torch.device | str) -> Batch:
+        """This batch with every tensor on ``device`` (itself when already there)."""
+        device = torch.device(device)
+        if device.type == "cpu":
+            return self
+
+        def mv(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device, non_blocking=True)
+
+        return Batch(
+            size=self.size, ids={k: mv(v) for k, v in self.ids.items()},
+            bags={k: (mv(v), mv(o)) for k, (v, o) in self.bags.items()}, dense=mv(self.dense),
+            user_ids={k: mv(v) for k, v in self.user_ids.items()},
+            user_bags={k: (mv(v), mv(o)) for k, (v, o) in self.user_bags.items()},
+            user_index=mv(self.user_index), click=mv(self.click),
+            conversion=mv(self.conversion), weight=mv(self.weight), rows=mv(self.rows),
+            groups=self.groups, ground_truth=self.ground_truth)
+
 
 def make_batch(data: EncodedData, rows: np.ndarray, extras: bool = False) -> Batch:
     """Gather impressions ``rows`` (K,) of ``data`` into a :class:`Batch` (with group ids and
