@@ -6,7 +6,9 @@ VmHWM from /proc/self/status, is its own), on the same simulated rows:
 (a) ``esmm.train.train`` as a user runs it: the config points at Parquet files written by the
     simulator, ``train()`` reads and encodes them, then trains one epoch (capped by
     ``--steps``) with the progress bar off and no evaluation split. ``load s`` is the time spent
-    inside ``load_split`` (read Parquet + encode); every step is timestamped by ``on_step``.
+    inside ``open_split`` (read Parquet + encode); every step is timestamped by ``on_step``.
+(a') the same with ``data.loader: stream``: Parquet read and encoded chunk by chunk while
+    training (``load s`` is then only the label pass and the users table), two-level shuffle.
 (b) a plain PyTorch loop over the same model (``build_model``), optimizers (``build_optimizers``)
     and batches, the batches pre-made in memory with ``esmm.data.batches.iter_batches`` before
     the clock starts; the loop is forward, loss, backward, step and nothing else: the ceiling
@@ -21,14 +23,15 @@ VmHWM from /proc/self/status, is its own), on the same simulated rows:
 Columns:
     step samples/s: the median, over windows of ``--window`` steps after ``--warmup`` steps, of
         samples per second between step timestamps, with the slowest and fastest window in
-        brackets. For (a) and (c) a step includes making its batch (esmm's ``make_batch``,
-        rechub's per-row ``__getitem__`` + collate); for (b) it does not.
+        brackets. For (a) and (c) a step includes waiting for its batch (esmm makes batches in
+        a read-ahead thread, rechub calls its per-row ``__getitem__`` + collate in the loop);
+        for (b) it does not.
     end-to-end samples/s: trained samples / (last step's end - the call that starts training),
         so reading, encoding and model construction are included (not for (b): nothing to load).
     load s: reading and encoding the training rows (for (b) too, though outside its rate);
         setup s: the rest of the time before the first batch is asked for (model, optimizers,
         writers; torch imports its compiler stack on the first optimizer built).
-    batching share: the share of step time, after the warm-up, spent making batches.
+    batching share: the share of step time, after the warm-up, spent waiting for batches.
     peak RSS MiB: the child's VmHWM: data in memory, model, optimizer state, batches.
     a / b and a / c rows: ratios of (a) to (b) and to (c) (above 1: (a) is faster or, for
         memory, larger).
@@ -43,11 +46,18 @@ Sizes:
     Both sizes train on the demo's number of rows unless ``--rows`` is given.
     torch-rechub's towers always carry batch norm, so (a) and (b) turn it on at both sizes.
 
+Evaluation (a second table, ``--eval-rows`` impressions, default 10M, of the first size's
+preset): the model of (a) scores a freshly simulated test split as ``esmm evaluate`` does, with
+``--loader stream`` and ``--loader memory``, each in its own child: seconds to open the split,
+to predict every row, to compute every metric (exact AUC, GAUC, log loss, PCOC per task, from
+the sorted scores), rows/s over the whole, and peak RSS.
+
 Differences that remain, by design of each library: esmm's embedding tables take sparse
 gradients and SparseAdam (its default), rechub's are dense and updated by Adam in full every
 step; esmm embeds a user's behaviour bags once per batch, rechub once per impression from
 arrays padded to a fixed length, and its ESMM runs the user-side embedding twice per forward.
-``esmm.train`` has no device setting, so with ``--device cuda`` (a) still runs on the CPU.
+With ``--device cuda`` every run uses the GPU (``train.device`` for (a) and (a')); CPU
+threads still read and batch the data.
 
 Read ``a / b`` as the share of the model's own speed that esmm's training path delivers (data
 batching, loss logging, bookkeeping), and ``a / c`` as esmm against a common open-source
@@ -55,7 +65,7 @@ implementation on the same work. The machine's load average is printed under the
 shared machine run it twice before trusting a difference of a few percent.
 
     python bench/train_throughput.py --markdown
-    python bench/train_throughput.py --sizes small --rows 200000 --steps 60 --markdown
+    python bench/train_throughput.py --sizes small --rows 200000 --steps 60 --eval-rows 0
     python bench/train_throughput.py --sizes aliccp --threads 4 --device cuda
 """
 
@@ -90,8 +100,10 @@ RECHUB_DIST = "torch-rechub"
 RECHUB_PINNED = "0.9.0"
 SMALL_MAX_VOCAB = 400_000
 SIZE_NAMES = ("small", "aliccp")
-KINDS = ("esmm", "plain", "rechub")
-LABELS = {"esmm": "(a) esmm.train", "plain": "(b) plain loop", "rechub": "(c) torch-rechub"}
+KINDS = ("esmm", "stream", "plain", "rechub")
+LABELS = {"esmm": "(a) esmm.train", "stream": "(a') esmm.train, data.loader=stream",
+          "plain": "(b) plain loop", "rechub": "(c) torch-rechub"}
+EVAL_LOADERS = ("stream", "memory")
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -111,6 +123,8 @@ class Job:
     warmup: int
     window: int
     seq_len: int  # rechub bag length; 0: the field's mean length per impression, rounded up
+    loader: str = "memory"  # data.loader of (a) and of the evaluation runs
+    eval_dir: str = ""  # evaluation runs: the split to evaluate
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -144,8 +158,16 @@ def small_features() -> list[dict[str, Any]]:
             for name, n in cardinality.items()]
 
 
-def config_tree(size: str, data_dir: Path, steps: int | None, threads: int) -> dict[str, Any]:
+def config_tree(size: str, data_dir: Path, steps: int | None, threads: int,
+                loader: str = "memory", device: str = "cpu") -> dict[str, Any]:
     """The esmm training config of a size: one epoch, no evaluation, progress bar off."""
+    tree = _config_tree(size, data_dir, steps, threads)
+    tree["data"]["loader"] = loader
+    tree["train"]["device"] = device
+    return tree
+
+
+def _config_tree(size: str, data_dir: Path, steps: int | None, threads: int) -> dict[str, Any]:
     from esmm.demo import demo_config
 
     train = {"epochs": 1, "max_steps": steps, "num_threads": threads, "progress": "off",
@@ -169,7 +191,8 @@ def config_tree(size: str, data_dir: Path, steps: int | None, threads: int) -> d
 def load_config(job: Job) -> Any:
     from esmm.config import config_from_dict
 
-    tree = config_tree(job.size, Path(job.data_dir), job.steps, job.threads)
+    tree = config_tree(job.size, Path(job.data_dir), job.steps, job.threads, job.loader,
+                       job.device)
     return config_from_dict(tree, f"train_throughput {job.size}")
 
 
@@ -259,35 +282,39 @@ def measure_esmm(job: Job) -> dict[str, Any]:
     set_threads(job.threads)
     cfg = load_config(job)
     loaded: dict[str, Any] = {"seconds": 0.0}
-    real_load_split = esmm_train.load_split
+    real_open_split = esmm_train.open_split
 
-    def timed_load_split(*args: Any, **kwargs: Any) -> Any:
+    def timed_open_split(*args: Any, **kwargs: Any) -> Any:
         t = time.perf_counter()
-        data = real_load_split(*args, **kwargs)
+        data = real_open_split(*args, **kwargs)
         loaded["seconds"] += time.perf_counter() - t
         loaded["rows"] = data.n
         return data
 
-    real_iter_batches = esmm_train.iter_batches
+    real_read_ahead = esmm_train.read_ahead
     loop_start: list[float] = []
     fetch_s: list[float] = []
 
-    def timed_iter_batches(*args: Any, **kwargs: Any) -> Iterator[Any]:
-        batches = real_iter_batches(*args, **kwargs)
-        while True:
-            t = time.perf_counter()
-            if not loop_start:
-                loop_start.append(t)
-            try:
-                batch = next(batches)
-            except StopIteration:
-                return
-            fetch_s.append(time.perf_counter() - t)
-            yield batch
+    def timed_read_ahead(*args: Any, **kwargs: Any) -> Iterator[Any]:
+        # The time the training loop waits for its next batch (made in the background thread).
+        batches = real_read_ahead(*args, **kwargs)
+        try:
+            while True:
+                t = time.perf_counter()
+                if not loop_start:
+                    loop_start.append(t)
+                try:
+                    batch = next(batches)
+                except StopIteration:
+                    return
+                fetch_s.append(time.perf_counter() - t)
+                yield batch
+        finally:
+            batches.close()
 
     # Wrapped in this child only (src/ is untouched): they time, and change nothing else.
-    esmm_train.load_split = timed_load_split
-    esmm_train.iter_batches = timed_iter_batches
+    esmm_train.open_split = timed_open_split
+    esmm_train.read_ahead = timed_read_ahead
     stamps: list[float] = []
     t_call = time.perf_counter()
     esmm_train.train(cfg, job.run_dir, on_step=lambda step: stamps.append(time.perf_counter()))
@@ -302,27 +329,10 @@ def measure_esmm(job: Job) -> dict[str, Any]:
                         fetch_s=fetch_s),
             "load_s": loaded["seconds"], "rows": n, "after_last_step_s": t_return - stamps[-1],
             "peak_rss_mib": peak, "params": sum(p.numel() for p in model.parameters()),
-            "device": "cpu"}
+            "device": cfg.train.device, "loader": cfg.data.loader}
 
 
 # ----------------------------------------------------------------------------- (b) plain loop
-
-
-def batch_to(batch: Any, device: str) -> Any:
-    """A copy of an esmm Batch with every tensor on ``device``."""
-    import torch
-
-    def move(v: Any) -> Any:
-        if isinstance(v, torch.Tensor):
-            return v.to(device)
-        if isinstance(v, tuple):
-            return tuple(move(x) for x in v)
-        if isinstance(v, dict):
-            return {k: move(x) for k, x in v.items()}
-        return v
-
-    return dataclasses.replace(batch, **{f.name: move(getattr(batch, f.name))
-                                         for f in dataclasses.fields(batch)})
 
 
 def measure_plain(job: Job) -> dict[str, Any]:
@@ -346,7 +356,7 @@ def measure_plain(job: Job) -> dict[str, Any]:
     batches = []
     for b in iter_batches(data, tc.batch_size, shuffle=True, seed=tc.seed,
                           block=tc.shuffle_block):
-        batches.append(batch_to(b, job.device))
+        batches.append(b.to(job.device))
         if job.steps and len(batches) >= job.steps:
             break
     del data
@@ -510,8 +520,35 @@ def measure_rechub(job: Job) -> dict[str, Any]:
             "params": sum(p.numel() for p in model.parameters()), "device": job.device}
 
 
+# ----------------------------------------------------------------------------- evaluation
+
+
+def measure_eval(job: Job) -> dict[str, Any]:
+    """``esmm evaluate``'s path on ``job.eval_dir`` with ``job.loader``: open, predict, metrics."""
+    import esmm.evaluate as ev
+    from esmm.data.stream import open_split
+    from esmm.train import load_model
+
+    set_threads(job.threads)
+    model, cfg, spec, _ = load_model(job.run_dir)
+    model.to(job.device)
+    t0 = time.perf_counter()
+    split = open_split(job.eval_dir, spec, cfg.data, loader=job.loader)
+    t1 = time.perf_counter()
+    preds, labels = ev.predict_split(model, split, cfg.train.eval_batch_size)
+    t2 = time.perf_counter()
+    metrics = ev.evaluate_arrays(model, labels, preds)
+    t3 = time.perf_counter()
+    return {"rows": labels.n, "open_s": t1 - t0, "predict_s": t2 - t1, "metrics_s": t3 - t2,
+            "total_s": t3 - t0, "rate": labels.n / (t3 - t0), "peak_rss_mib": peak_rss_mib(),
+            "metrics": {k: metrics[k] for k in ("ctr_auc", "ctr_gauc", "cvr_auc", "ctcvr_auc",
+                                                "cvr_auc_entire_space") if k in metrics},
+            "n_metrics": len(metrics)}
+
+
 MEASURES: dict[str, Callable[[Job], dict[str, Any]]] = {
-    "esmm": measure_esmm, "plain": measure_plain, "rechub": measure_rechub,
+    "esmm": measure_esmm, "stream": measure_esmm, "plain": measure_plain,
+    "rechub": measure_rechub, "eval": measure_eval,
 }
 
 
@@ -543,30 +580,32 @@ def rechub_label() -> str:
     return f"(c) torch-rechub {version}{suffix}"
 
 
-def simulate(size: str, rows: int, work: Path) -> Path:
-    """Write ``rows`` simulated impressions of the size's preset to ``work/<size>/data``."""
+def simulate(size: str, rows: int, work: Path, split: str = "train") -> Path:
+    """Write ``rows`` simulated impressions of the size's preset: the training split to
+    ``work/<size>/data`` (returned), another split to ``work/<size>/eval-data/<split>``
+    (that folder returned)."""
     from esmm.data.simulate import get_preset, write_simulation
     from esmm.demo import SIM_SEED
 
-    data_dir = work / size / "data"
+    data_dir = work / size / ("data" if split == "train" else "eval-data")
     meta = data_dir / "simulation.json"
-    want = {"preset": sim_preset(size), "rows": {"train": rows}, "seed": SIM_SEED}
+    want = {"preset": sim_preset(size), "rows": {split: rows}, "seed": SIM_SEED}
     if meta.is_file():
         got = json.loads(meta.read_text())
         if all(got.get(k) == v for k, v in want.items()):
             log.info("%s: reusing %s", size, data_dir)
-            return data_dir
+            return data_dir if split == "train" else data_dir / split
     shutil.rmtree(data_dir, ignore_errors=True)
     log.info("%s: simulating %d impressions (preset %s)", size, rows, sim_preset(size))
-    write_simulation(data_dir, get_preset(sim_preset(size)), {"train": rows}, SIM_SEED)
-    return data_dir
+    write_simulation(data_dir, get_preset(sim_preset(size)), {split: rows}, SIM_SEED)
+    return data_dir if split == "train" else data_dir / split
 
 
 def run_child(job: Job) -> dict[str, Any]:
     """Run one measurement in a fresh interpreter; its result or {"error": ...}."""
     env = {**os.environ, "OMP_NUM_THREADS": str(job.threads),
            "MKL_NUM_THREADS": str(job.threads)}
-    log.info("%s: measuring %s", job.size, LABELS[job.kind])
+    log.info("%s: measuring %s", job.size, LABELS.get(job.kind, f"evaluate, {job.loader}"))
     t = time.perf_counter()
     proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child",
                            job.to_json()], stdout=subprocess.PIPE, text=True, env=env,
@@ -617,23 +656,43 @@ def table_rows(size: str, results: dict[str, dict[str, Any]], labels: dict[str, 
         rows.append([size, labels[kind], r["device"], f"{r['params'] / 1e6:.1f}M",
                      f"{r['rows']:,}", f"{r['steps']} ({r['windows']} windows)",
                      f"{r['load_s']:.1f}", setup, e2e, fmt_step(r), share, rss])
-    a = results["esmm"]
-    for other in ("plain", "rechub"):
-        o = results[other]
-        e2e = ratio(a, o, "end_to_end_rate") if other == "rechub" else "-"
-        rows.append([size, f"a / {'b' if other == 'plain' else 'c'}", *[""] * 6, e2e,
-                     ratio(a, o, "step_rate"), "", ratio(a, o, "peak_rss_mib")])
+    for mine in ("esmm", "stream"):
+        a = results[mine]
+        name = "a" if mine == "esmm" else "a'"
+        for other in ("plain", "rechub"):
+            o = results[other]
+            e2e = ratio(a, o, "end_to_end_rate") if other == "rechub" else "-"
+            rows.append([size, f"{name} / {'b' if other == 'plain' else 'c'}", *[""] * 6, e2e,
+                         ratio(a, o, "step_rate"), "", ratio(a, o, "peak_rss_mib")])
     return rows
 
 
-def render(rows: list[list[str]], markdown: bool) -> str:
+EVAL_COLUMNS = ("size", "loader", "rows", "open s", "predict s", "AUC + GAUC s", "total s",
+                "rows/s", "peak RSS MiB", "metrics")
+
+
+def eval_rows(size: str, results: dict[str, dict[str, Any]]) -> list[list[str]]:
+    rows = []
+    for loader, r in results.items():
+        if "error" in r:
+            rows.append([size, loader, *[""] * 6, r["error"], ""])
+            continue
+        m = r["metrics"]
+        rows.append([size, loader, f"{r['rows']:,}", f"{r['open_s']:.1f}", f"{r['predict_s']:.1f}",
+                     f"{r['metrics_s']:.1f}", f"{r['total_s']:.1f}", f"{r['rate']:,.0f}",
+                     f"{r['peak_rss_mib']:,.0f}" if r.get("peak_rss_mib") else "n/a",
+                     f"{r['n_metrics']} (ctr_auc {m.get('ctr_auc', float('nan')):.4f})"])
+    return rows
+
+
+def render(rows: list[list[str]], markdown: bool, columns: tuple[str, ...] = COLUMNS) -> str:
     if markdown:
-        lines = ["| " + " | ".join(COLUMNS) + " |",
-                 "|" + "|".join("---" if i < 2 else "---:" for i in range(len(COLUMNS))) + "|"]
+        lines = ["| " + " | ".join(columns) + " |",
+                 "|" + "|".join("---" if i < 2 else "---:" for i in range(len(columns))) + "|"]
         lines += ["| " + " | ".join(r) + " |" for r in rows]
         return "\n".join(lines)
-    width = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(COLUMNS)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(COLUMNS, width, strict=True))]
+    width = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, width, strict=True))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(r, width, strict=True)) for r in rows]
     return "\n".join(lines)
 
@@ -669,7 +728,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                     help="torch intra-op threads in every run (default: the CPUs available)")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                    help="device of (b) and (c); esmm.train runs on the CPU")
+                    help="device of every run (esmm.train through train.device)")
+    ap.add_argument("--eval-rows", type=int, default=10_000_000,
+                    help="impressions of the evaluation measurement (0: skip it); it scores "
+                    "them with the first size's (a) model, streamed and in memory")
     ap.add_argument("--warmup", type=int, default=5, help="steps before timing starts")
     ap.add_argument("--window", type=int, default=10, help="steps per timed window")
     ap.add_argument("--seq-len", type=int, default=0,
@@ -684,9 +746,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     bad = [s for s in args.size_list if s not in SIZE_NAMES]
     if bad or not args.size_list:
         ap.error(f"--sizes: unknown {bad}; expected some of {', '.join(SIZE_NAMES)}")
-    for name in ("rows", "steps", "threads", "warmup", "window"):
+    for name in ("rows", "steps", "threads", "warmup", "window", "eval_rows"):
         value = getattr(args, name)
-        if value is not None and value < (0 if name == "warmup" else 1):
+        if value is not None and value < (0 if name in ("warmup", "eval_rows") else 1):
             ap.error(f"--{name} must be positive")
     return args
 
@@ -713,6 +775,8 @@ def main(argv: list[str] | None = None) -> None:
     labels = {**LABELS, "rechub": rechub_label()}
     rows: list[list[str]] = []
     details: dict[str, dict[str, Any]] = {}
+    eval_results: dict[str, dict[str, Any]] = {}
+    eval_table: list[list[str]] = []
     try:
         for size in args.size_list:
             data_dir = simulate(size, args.rows or default_rows(), work)
@@ -726,16 +790,34 @@ def main(argv: list[str] | None = None) -> None:
                 run_dir.mkdir(parents=True)
                 job = Job(kind=kind, size=size, data_dir=str(data_dir), run_dir=str(run_dir),
                           steps=args.steps, threads=args.threads, device=args.device,
-                          warmup=args.warmup, window=args.window, seq_len=args.seq_len)
+                          warmup=args.warmup, window=args.window, seq_len=args.seq_len,
+                          loader="stream" if kind == "stream" else "memory")
                 results[kind] = run_child(job)
             rows += table_rows(size, results, labels)
             details[size] = results
+        if args.eval_rows:
+            size = args.size_list[0]
+            eval_dir = simulate(size, args.eval_rows, work, split="test")
+            for loader in EVAL_LOADERS:
+                job = Job(kind="eval", size=size, data_dir=str(work / size / "data"),
+                          run_dir=str(work / size / "run-esmm"), steps=None,
+                          threads=args.threads, device=args.device, warmup=0, window=1,
+                          seq_len=0,
+                          loader=loader, eval_dir=str(eval_dir))
+                if "error" in details[size]["esmm"]:
+                    eval_results[loader] = {"error": "no model: (a) failed"}
+                    continue
+                eval_results[loader] = run_child(job)
+            eval_table = eval_rows(size, eval_results)
     finally:
         if args.work is None and not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     load_after = os.getloadavg()
 
     print(render(rows, args.markdown))
+    if eval_table:
+        print()
+        print(render(eval_table, args.markdown, EVAL_COLUMNS))
     notes = [
         f"{os.cpu_count()} CPUs ({cpu_model()}), torch threads: {args.threads}, "
         f"device: {args.device}; warm-up {args.warmup} steps, windows of {args.window} steps; "
