@@ -79,6 +79,7 @@ _SHOP_CATEGORY_SHARE = 0.9  # share of an item's category taken from its shop's 
 _CANDIDATES_PER_POOL_SLOT = 4  # candidate entities drawn per pool slot when drawing bag pools
 _CALIBRATION_ROWS = 200_000
 _CHUNK_ROWS = 1 << 20
+_ROW_GROUP_ROWS = 1 << 17
 _SPLIT_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
 
@@ -876,7 +877,8 @@ def write_simulation(out_dir: str | Path, cfg: SimConfig, rows: dict[str, int], 
                         imp_writer = pq.ParquetWriter(d / "impressions.parquet",
                                                       part.impressions.schema)
                         users_writer = pq.ParquetWriter(d / "users.parquet", part.users.schema)
-                    imp_writer.write_table(part.impressions)
+                    # Row groups well under data.shuffle_buffer, so a streamed epoch mixes them.
+                    imp_writer.write_table(part.impressions, row_group_size=_ROW_GROUP_ROWS)
                     users_writer.write_table(part.users)
                     stats.add(part, world)
                     if bar is not None:
