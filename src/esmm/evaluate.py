@@ -72,9 +72,12 @@ def predict_split(model: MultiTaskModel, split: Split, batch_size: int = 8192
     if isinstance(split, EncodedData):
         return predict_arrays(model, split, batch_size), split
     # The batches of the in-memory split, read chunk by chunk: the same predictions, bit for bit.
-    preds: dict[str, list[np.ndarray]] = {k: [] for k in OUTPUT_NAMES}
-    parts: dict[str, list[np.ndarray]] = {}
-    n = 0
+    # Outputs are allocated once for all N rows: thousands of small per-batch arrays kept to the
+    # end would pin the allocator's heap under every transient batch and grow RSS with N.
+    n = split.n
+    preds = {k: np.empty(n, dtype=np.float64) for k in OUTPUT_NAMES}
+    cols: dict[str, np.ndarray] = {}
+    pos = 0
     was_training = model.training
     model.eval()
     device = _device(model)
@@ -82,24 +85,29 @@ def predict_split(model: MultiTaskModel, split: Split, batch_size: int = 8192
         with torch.no_grad():
             for batch in read_ahead(split.batches(batch_size, extras=True), READ_AHEAD):
                 probs = model.predict(model(batch.to(device)))
+                end = pos + batch.size
                 for k in OUTPUT_NAMES:
-                    preds[k].append(probs[k].double().cpu().numpy())
-                cols = {"click": batch.click, "conversion": batch.conversion,
-                        "groups": batch.groups,
-                        **{f"gt:{g}": a for g, a in batch.ground_truth.items()}}
-                for k, a in cols.items():
-                    if a is not None:
-                        parts.setdefault(k, []).append(np.asarray(a))
-                n += batch.size
+                    preds[k][pos:end] = probs[k].double().cpu().numpy()
+                got = {"click": batch.click, "conversion": batch.conversion,
+                       "groups": batch.groups,
+                       **{f"gt:{g}": a for g, a in batch.ground_truth.items()}}
+                for k, a in got.items():
+                    if a is None:
+                        continue
+                    a = np.asarray(a)
+                    if k not in cols:
+                        cols[k] = np.empty(n, dtype=np.int8 if k in ("click", "conversion")
+                                           else a.dtype)
+                    cols[k][pos:end] = a
+                pos = end
     finally:
         model.train(was_training)
-    joined = {k: np.concatenate(v) for k, v in parts.items()}
-    keep = EncodedData(source=split.source, n=n, groups=joined.get("groups"))
-    if "click" in joined:
-        keep.click = joined["click"].astype(np.int8)
-        keep.conversion = joined["conversion"].astype(np.int8)
-    keep.ground_truth = {k[3:]: v for k, v in joined.items() if k.startswith("gt:")}
-    return {k: np.concatenate(v) for k, v in preds.items()}, keep
+    if pos != n:
+        raise RuntimeError(f"{split.source}: the stream gave {pos} rows, expected {n}")
+    keep = EncodedData(source=split.source, n=n, groups=cols.get("groups"),
+                       click=cols.get("click"), conversion=cols.get("conversion"))
+    keep.ground_truth = {k[3:]: v for k, v in cols.items() if k.startswith("gt:")}
+    return preds, keep
 
 
 def evaluate(model: MultiTaskModel, data: Split, batch_size: int = 8192) -> dict[str, float]:
