@@ -542,6 +542,7 @@ def test_ingested_data_trains_with_the_aliccp_config(sim, tmp_path):
     cfg = config_from_dict(tree)
     assert cfg.model.embedding_dim == 18 and cfg.model.tower == [360, 200, 80]
     assert cfg.model.activation == "relu"
+    assert cfg.data.loader == "stream"  # 42M impressions: never held whole
     assert (cfg.train.optimizer.name, cfg.train.optimizer.betas, cfg.train.optimizer.eps) == (
         "adam", (0.9, 0.999), 1e-8)
     names = {f.name for f in cfg.features}

@@ -38,6 +38,7 @@ from esmm.data.tables import (
     encode_users,
     load_split,
     needed_columns,
+    normalized_parts,
 )
 from esmm.errors import ConfigError, DataError
 from esmm.features import FeatureSpec, take_ragged
@@ -74,14 +75,9 @@ class ParquetStream:
             raise DataError(f"{p}: no such file or folder")
         self.source = str(p)
         self.spec, self.cfg, self.require_labels = spec, cfg, require_labels
-        imp_path, users_path = p, None
-        if p.is_dir():
-            for name in ("impressions.parquet", "impressions"):
-                if (p / name).exists():
-                    imp_path = p / name
-            for name in ("users.parquet", "users"):
-                if (p / name).exists():
-                    users_path = p / name
+        imp_path, users_path = normalized_parts(p)
+        if imp_path is None:
+            imp_path, users_path = p, None
         files = _parquet_files(imp_path)
         if not files:
             raise DataError(f"{imp_path}: no Parquet files found")

@@ -27,6 +27,8 @@ from esmm.features import FeatureSpec, encode_bag, encode_categorical, encode_de
 log = logging.getLogger(__name__)
 
 GROUND_TRUTH_COLUMNS = ("p_click", "p_conversion", "conversion_if_clicked")
+_ENCODERS = {"categorical": encode_categorical, "multi_categorical": encode_bag,
+             "dense": encode_dense}
 
 
 @dataclass
@@ -122,6 +124,18 @@ def _read_csv(path: Path, cfg: DataConfig) -> pa.Table:
     return t
 
 
+def normalized_parts(p: Path) -> tuple[Path | None, Path | None]:
+    """(impressions, users) of a normalized folder, each a ``.parquet`` file or a folder of
+    them; (None, None) for anything else."""
+    if not p.is_dir():
+        return None, None
+    found: list[Path | None] = []
+    for stem in ("impressions", "users"):
+        hits = [p / n for n in (f"{stem}.parquet", stem) if (p / n).exists()]
+        found.append(hits[-1] if hits else None)
+    return found[0], found[1]
+
+
 def read_tables(path: str | Path, cfg: DataConfig, columns: list[str] | None = None) -> RawTables:
     """Read one split.
 
@@ -140,15 +154,7 @@ def read_tables(path: str | Path, cfg: DataConfig, columns: list[str] | None = N
         from esmm.data.published import read_published
 
         return RawTables(str(p), read_published(p, fmt, columns))
-    imp = None
-    users = None
-    if p.is_dir():
-        for name in ("impressions.parquet", "impressions"):
-            if (p / name).exists():
-                imp = p / name
-        for name in ("users.parquet", "users"):
-            if (p / name).exists():
-                users = p / name
+    imp, users = normalized_parts(p)
     if imp is not None:
         imp_t = _read_parquet(imp, columns)
         # The same column list applies: unused user columns (e.g. bag values) stay on disk.
@@ -250,13 +256,8 @@ def encode_users(users: pa.Table, impression_columns: Sequence[str], spec: Featu
     for f in spec.fields:
         if f.name not in cols or f.name in impression_columns:
             continue
-        col = users.column(f.name)
-        if f.kind == "categorical":
-            side.ids[f.name] = encode_categorical(col, f, where)
-        elif f.kind == "multi_categorical":
-            side.bags[f.name] = encode_bag(col, f, where)
-        else:
-            side.dense[f.name] = encode_dense(col, f, where)
+        sink = {"categorical": side.ids, "multi_categorical": side.bags, "dense": side.dense}
+        sink[f.kind][f.name] = _ENCODERS[f.kind](users.column(f.name), f, where)
     uc = cfg.user_column
     if uc and uc in cols and uc not in impression_columns:
         side.groups = pc.fill_null(users.column(uc), 0).to_numpy()
@@ -337,13 +338,11 @@ def encode(raw: RawTables, spec: FeatureSpec, cfg: DataConfig, require_labels: b
         where += f", rows from {row_offset}"
     for f in spec.fields:
         if f.name in imp.column_names:
-            col = imp.column(f.name)
-            if f.kind == "categorical":
-                out.ids[f.name] = encode_categorical(col, f, where)
-            elif f.kind == "multi_categorical":
-                out.bags[f.name] = encode_bag(col, f, where)
+            value = _ENCODERS[f.kind](imp.column(f.name), f, where)
+            if f.kind == "dense":
+                dense_cols.append(value)
             else:
-                dense_cols.append(encode_dense(col, f, where))
+                (out.ids if f.kind == "categorical" else out.bags)[f.name] = value
         elif f.name in user_cols:
             if f.kind == "dense":
                 dense_cols.append(users.dense[f.name][out.user_row])
