@@ -179,16 +179,38 @@ def predict(
     batch_size: int = typer.Option(8192, min=1, help="Rows per forward pass."),
     keep: list[str] = typer.Option([], "--keep", help="Input columns to copy to the output "
                                    "beside the predictions (repeatable), e.g. --keep sample_id."),
+    loader: str = typer.Option("auto", help="'stream': read and write Parquet chunk by chunk "
+                               "(memory does not grow with the rows); 'memory': read the input "
+                               "whole; 'auto': stream Parquet, read CSV whole."),
 ) -> None:
     """Score rows with a trained model and write p_ctr, p_cvr, p_ctcvr as Parquet."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from esmm.data.stream import ParquetStream, resolve_loader
     from esmm.data.tables import encode, needed_columns, read_tables
     from esmm.evaluate import predict_arrays
     from esmm.train import load_model
 
     model, cfg, spec, _ = load_model(run)
+    if loader not in ("auto", "stream", "memory"):
+        raise UsageError(f"--loader {loader!r}: expected auto, stream or memory")
+    if resolve_loader(data, cfg.data, loader) == "stream":
+        stream = ParquetStream(data, spec, cfg.data, require_labels=False, keep=keep)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        writer = None
+        try:
+            for chunk in stream.chunks():
+                preds = predict_arrays(model, chunk, batch_size)
+                table = pa.table({**chunk.extra, **{k: pa.array(v) for k, v in preds.items()}})
+                if writer is None:
+                    writer = pq.ParquetWriter(out, table.schema)
+                writer.write_table(table)
+        finally:
+            if writer is not None:
+                writer.close()
+        typer.echo(f"wrote {stream.n} rows to {out}")
+        return
     raw = read_tables(data, cfg.data, columns=needed_columns(spec, cfg.data) + list(keep))
     split = encode(raw, spec, cfg.data, require_labels=False)
     preds = predict_arrays(model, split, batch_size)

@@ -2,13 +2,16 @@
 
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from typer.testing import CliRunner
 
+from esmm.cli import app
 from esmm.config import config_from_dict
 from esmm.data.batches import iter_batches, num_batches, read_ahead
 from esmm.data.stream import ParquetStream, open_split
@@ -18,7 +21,7 @@ from esmm.evaluate import evaluate
 from esmm.features import spec_from_config
 from esmm.models import build_model
 from esmm.train import load_checkpoint, train
-from tests.conftest import small_config
+from tests.conftest import cli_output, small_config
 
 
 def _with_row_groups(src, dst, rows_per_group, files=1):
@@ -223,3 +226,34 @@ def test_training_on_a_stream_learns_and_resumes_to_the_same_weights(streams, fl
     b = load_checkpoint(tmp_path / "part/checkpoints/latest.pt")["model"]
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_predict_streams_parquet_and_writes_what_the_in_memory_path_writes(streams, flat_data,
+                                                                             tmp_path,
+                                                                             cfg_factory):
+    cfg = cfg_factory(flat_data["train"], max_steps=3)
+    train(cfg, tmp_path / "run")
+    _, stream = streams["flat"]  # 3 files, row groups of 1000 rows
+    unlabeled = tmp_path / "unlabeled"
+    unlabeled.mkdir()
+    for f in sorted(Path(stream.source).glob("*.parquet")):
+        t = pq.read_table(f).drop_columns(["click", "conversion"])
+        pq.write_table(t, unlabeled / f.name, row_group_size=1000)
+    runner = CliRunner()
+    outs = {}
+    for loader in ("stream", "memory"):
+        outs[loader] = tmp_path / f"{loader}.parquet"
+        res = runner.invoke(app, ["predict", str(tmp_path / "run"), "--data", str(unlabeled),
+                                  "--out", str(outs[loader]), "--keep", "sample_id",
+                                  "--loader", loader, "--batch-size", "700"])
+        assert res.exit_code == 0, cli_output(res)
+    a, b = pq.read_table(outs["stream"]), pq.read_table(outs["memory"])
+    assert a.column_names == b.column_names == ["sample_id", "p_ctr", "p_cvr", "p_ctcvr"]
+    assert a.column("sample_id").to_pylist() == list(range(stream.n))
+    for k in ("p_ctr", "p_cvr", "p_ctcvr"):
+        np.testing.assert_allclose(a.column(k).to_numpy(), b.column(k).to_numpy(),
+                                   rtol=1e-6, atol=1e-9)
+    assert pq.ParquetFile(outs["stream"]).num_row_groups > 1  # written chunk by chunk
+    res = runner.invoke(app, ["predict", str(tmp_path / "run"), "--data", str(unlabeled),
+                              "--out", str(tmp_path / "x.parquet"), "--keep", "nope"])
+    assert res.exit_code == 1 and "no column 'nope'" in cli_output(res)

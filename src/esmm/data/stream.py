@@ -69,7 +69,8 @@ class ParquetStream:
     """
 
     def __init__(self, path: str | Path, spec: FeatureSpec, cfg: DataConfig,
-                 require_labels: bool = True, columns: Sequence[str] | None = None) -> None:
+                 require_labels: bool = True, columns: Sequence[str] | None = None,
+                 keep: Sequence[str] = ()) -> None:
         p = Path(path)
         if not p.exists():
             raise DataError(f"{p}: no such file or folder")
@@ -81,7 +82,15 @@ class ParquetStream:
         files = _parquet_files(imp_path)
         if not files:
             raise DataError(f"{imp_path}: no Parquet files found")
-        want = list(dict.fromkeys([*needed_columns(spec, cfg), *(columns or ())]))
+        self.keep = tuple(keep)
+        if self.keep and require_labels:
+            raise ValueError("keep needs require_labels=False: kept columns follow every row")
+        want = list(dict.fromkeys([*needed_columns(spec, cfg), *(columns or ()), *self.keep]))
+        self.impression_columns = tuple(_schema_names(imp_path))
+        missing = [k for k in self.keep if k not in self.impression_columns]
+        if missing:
+            raise DataError(f"{p}: no column {missing[0]!r} among the impressions' columns "
+                            f"{list(self.impression_columns)[:40]}")
         self.available = tuple(_schema_names(imp_path)
                                + (_schema_names(users_path) if users_path else []))
         self.users: UserSide | None = None
@@ -158,7 +167,8 @@ class ParquetStream:
 
     def chunks(self, units: Sequence[_Unit] | None = None) -> Iterator[EncodedData]:
         """Encoded chunks of at most ``data.chunk_rows`` rows, unit by unit, in file order
-        within a unit. ``row_ids`` hold each row's position in the split."""
+        within a unit. ``row_ids`` hold each row's position in the split, ``extra`` the raw
+        values of the ``keep`` columns."""
         for u in self.units if units is None else units:
             pf = pq.ParquetFile(u.file)
             names = pf.schema_arrow.names
@@ -172,6 +182,7 @@ class ParquetStream:
                 chunk = encode(raw, self.spec, self.cfg, self.require_labels, users=self.users,
                                row_offset=row, quiet=True)
                 chunk.row_ids = np.arange(kept, kept + chunk.n, dtype=np.int64)
+                chunk.extra = {k: rb.column(k) for k in self.keep}
                 row += rb.num_rows
                 kept += chunk.n
                 if chunk.n:
@@ -230,6 +241,14 @@ def open_split(path: str | Path, spec: FeatureSpec, cfg: DataConfig, require_lab
 
     ``auto`` streams Parquet and reads other formats into memory.
     """
+    p = Path(path)
+    if resolve_loader(p, cfg, loader) == "stream":
+        return ParquetStream(p, spec, cfg, require_labels)
+    return load_split(p, spec, cfg, require_labels)
+
+
+def resolve_loader(path: str | Path, cfg: DataConfig, loader: str | None = None) -> str:
+    """``stream`` or ``memory`` for ``path``, as ``loader`` (else ``data.loader``) says."""
     how = loader or cfg.loader
     fmt = cfg.format
     p = Path(path)
@@ -237,12 +256,10 @@ def open_split(path: str | Path, spec: FeatureSpec, cfg: DataConfig, require_lab
         fmt = "csv" if p.is_file() and p.suffix.lower() in (".csv", ".txt") else "parquet"
     if how == "auto":
         how = "stream" if fmt == "parquet" else "memory"
-    if how == "stream":
-        if fmt != "parquet":
-            raise ConfigError(f"data.loader=stream reads Parquet, but {p} is read as {fmt!r}; "
-                              "set data.loader=memory, or convert the file to Parquet")
-        return ParquetStream(p, spec, cfg, require_labels)
-    return load_split(p, spec, cfg, require_labels)
+    if how == "stream" and fmt != "parquet":
+        raise ConfigError(f"data.loader=stream reads Parquet, but {p} is read as {fmt!r}; "
+                          "set data.loader=memory, or convert the file to Parquet")
+    return how
 
 
 def split_chunks(split: Split) -> Iterator[EncodedData]:
@@ -323,4 +340,4 @@ def take_encoded(data: EncodedData, rows: np.ndarray) -> EncodedData:
 
 
 __all__ = ["GROUND_TRUTH_COLUMNS", "ParquetStream", "Split", "concat_encoded", "open_split",
-           "split_batches", "split_chunks", "take_encoded"]
+           "resolve_loader", "split_batches", "split_chunks", "take_encoded"]

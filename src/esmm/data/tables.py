@@ -67,6 +67,8 @@ class EncodedData:
     # (N,) int64 positions of the rows in their split; None: 0..N-1 (a streamed chunk's rows
     # start further on).
     row_ids: np.ndarray | None = None
+    # Raw Arrow columns carried beside the encoded ones (``esmm predict --keep``), (N,) each.
+    extra: dict[str, pa.Array] = field(default_factory=dict)
     rows_read: int = 0
     dropped_conversion_without_click: int = 0
     kept_conversion_without_click: int = 0
