@@ -52,7 +52,6 @@ class _Unit:
 
     file: Path
     row_group: int
-    rows: int  # rows in the file
     kept: int  # rows left after dropping conversions without clicks
     first_row: int  # position of the row group's first row in its file
     first_kept: int  # position of its first kept row in the split
@@ -118,7 +117,7 @@ class ParquetStream:
                 kept = rows
                 if require_labels:
                     kept = rows - self._count_dropped(pf, f, rg, first_row)
-                self.units.append(_Unit(f, rg, rows, kept, first_row, kept_total))
+                self.units.append(_Unit(f, rg, kept, first_row, kept_total))
                 first_row += rows
                 kept_total += kept
                 self.rows_read += rows
@@ -160,10 +159,6 @@ class ParquetStream:
             return 0
         self.dropped_conversion_without_click += n_bad
         return n_bad
-
-    @property
-    def has_labels(self) -> bool:
-        return self.require_labels
 
     def chunks(self, units: Sequence[_Unit] | None = None) -> Iterator[EncodedData]:
         """Encoded chunks of at most ``data.chunk_rows`` rows, unit by unit, in file order
@@ -262,14 +257,6 @@ def resolve_loader(path: str | Path, cfg: DataConfig, loader: str | None = None)
     return how
 
 
-def split_chunks(split: Split) -> Iterator[EncodedData]:
-    """The encoded chunks of a split in row order (an in-memory split is one chunk)."""
-    if isinstance(split, ParquetStream):
-        yield from split.chunks()
-    else:
-        yield split
-
-
 def split_batches(split: Split, batch_size: int, *, shuffle: bool = False, seed: int = 0,
                   epoch: int = 0, start_batch: int = 0, block: int = 1) -> Iterator[Batch]:
     """The batches of one epoch of an in-memory or streamed split."""
@@ -340,4 +327,4 @@ def take_encoded(data: EncodedData, rows: np.ndarray) -> EncodedData:
 
 
 __all__ = ["GROUND_TRUTH_COLUMNS", "ParquetStream", "Split", "concat_encoded", "open_split",
-           "resolve_loader", "split_batches", "split_chunks", "take_encoded"]
+           "resolve_loader", "split_batches", "take_encoded"]
