@@ -52,9 +52,9 @@ preset): the model of (a) scores a freshly simulated test split as ``esmm evalua
 to predict every row, to compute every metric (exact AUC, GAUC, log loss, PCOC per task, from
 the sorted scores), rows/s over the whole, and peak RSS.
 
-Differences that remain, by design of each library: esmm's embedding tables take sparse
-gradients and SparseAdam (its default), rechub's are dense and updated by Adam in full every
-step; esmm embeds a user's behaviour bags once per batch, rechub once per impression from
+Differences that remain, by design of each library: esmm keeps the fields of one embedding
+width in one table, which takes sparse gradients and a row-wise SparseAdam (its default),
+rechub has a table per field, dense and updated by Adam in full every step; esmm embeds a user's behaviour bags once per batch, rechub once per impression from
 arrays padded to a fixed length, and its ESMM runs the user-side embedding twice per forward.
 With ``--device cuda`` every run uses the GPU (``train.device`` for (a) and (a')); CPU
 threads still read and batch the data.

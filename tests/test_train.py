@@ -108,7 +108,7 @@ def test_sparse_and_dense_embedding_optimizers_train(flat_data, cfg_factory, tmp
     res = train(cfg, tmp_path / "run")
     assert res.metrics["ctr_auc"] > 0.7
     model, *_ = load_model(tmp_path / "run")
-    assert model.embedding.tables["205"].sparse == (sparse != "dense")
+    assert model.embedding.sparse == (sparse != "dense")
 
 
 @pytest.mark.parametrize("fused,sparse,expect", [

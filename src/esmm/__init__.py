@@ -1,3 +1,3 @@
 """esmm: entire-space multi-task conversion modelling (ESMM and its family) in PyTorch."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

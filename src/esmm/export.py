@@ -104,7 +104,7 @@ class FlatEmbedding(nn.Module):
         super().__init__()
         self.spec = src.spec
         self.weights = nn.ParameterList(
-            nn.Parameter(src.tables[f.name].weight.detach().clone(), requires_grad=False)
+            nn.Parameter(src.field_weight(f.name).detach().clone(), requires_grad=False)
             for f in self.spec.sparse
         )
         self.output_dim = src.output_dim

@@ -41,6 +41,8 @@ from esmm.errors import ConfigError, EsmmError, UsageError
 from esmm.evaluate import evaluate
 from esmm.features import FeatureSpec, spec_from_config
 from esmm.models import MultiTaskModel, build_model
+from esmm.nn.embedding import EmbeddingCollection
+from esmm.optim import RowSparseAdam
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +66,16 @@ def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Para
     sparse_ids = set()
     sparse: list[nn.Parameter] = []
     for m in model.modules():
-        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse:
-            if id(m.weight) not in sparse_ids:
-                sparse_ids.add(id(m.weight))
-                sparse.append(m.weight)
+        if isinstance(m, EmbeddingCollection) and m.sparse:
+            tables = list(m.tables())
+        elif isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse:
+            tables = [m.weight]
+        else:
+            continue
+        for w in tables:
+            if id(w) not in sparse_ids:
+                sparse_ids.add(id(w))
+                sparse.append(w)
     dense = [p for p in model.parameters() if id(p) not in sparse_ids]
     return dense, sparse
 
@@ -103,7 +111,7 @@ def build_optimizers(model: nn.Module, cfg: Config) -> list[torch.optim.Optimize
         sc = cfg.train.sparse_optimizer
         lr = sc.lr or oc.lr
         if sc.name == "sparse_adam":
-            opts.append(torch.optim.SparseAdam(sparse, lr=lr, betas=oc.betas, eps=oc.eps))
+            opts.append(RowSparseAdam(sparse, lr=lr, betas=oc.betas, eps=oc.eps))
         elif sc.name == "adagrad":
             opts.append(torch.optim.Adagrad(sparse, lr=lr))
         else:
@@ -281,8 +289,14 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False,
     loss_count = 0
     if state is not None:
         model.load_state_dict(state["model"])
-        for o, s in zip(opts, state["optimizers"], strict=True):
-            o.load_state_dict(s)
+        try:
+            for o, s in zip(opts, state["optimizers"], strict=True):
+                o.load_state_dict(s)
+        except ValueError as e:
+            raise EsmmError(f"--resume: the optimizer state in {latest} does not fit this "
+                            f"model's parameters ({e}); it was written by esmm "
+                            f"{state.get('version', '?')} (this is {esmm.__version__}): resume "
+                            "with that version, or start a new run from its weights") from None
         torch.set_rng_state(state["torch_rng"])
         if device.type == "cuda" and state.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(state["cuda_rng"], device)

@@ -30,7 +30,9 @@ class Tower(nn.Module):
             layers.append(nn.Linear(d, h))
             if batch_norm:
                 layers.append(nn.BatchNorm1d(h))
-            layers.append(_ACT[activation]())
+            # In place: neither BatchNorm nor Linear needs its output for its backward, so
+            # ReLU can overwrite it and save a (B, h) buffer and a pass over it per layer.
+            layers.append(nn.ReLU(inplace=True) if activation == "relu" else _ACT[activation]())
             if dropout > 0:
                 layers.append(nn.Dropout(dropout))
             d = h
