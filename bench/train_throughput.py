@@ -54,8 +54,9 @@ the sorted scores), rows/s over the whole, and peak RSS.
 
 Differences that remain, by design of each library: esmm keeps the fields of one embedding
 width in one table, which takes sparse gradients and a row-wise SparseAdam (its default),
-rechub has a table per field, dense and updated by Adam in full every step; esmm embeds a user's behaviour bags once per batch, rechub once per impression from
-arrays padded to a fixed length, and its ESMM runs the user-side embedding twice per forward.
+rechub has a table per field, dense and updated by Adam in full every step; esmm embeds a
+user's behaviour bags once per batch, rechub once per impression from arrays padded to a fixed
+length, and its ESMM runs the user-side embedding twice per forward.
 With ``--device cuda`` every run uses the GPU (``train.device`` for (a) and (a')); CPU
 threads still read and batch the data.
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import esmm
-from esmm.errors import ConfigError, UsageError
+from esmm.errors import ConfigError, EsmmError, UsageError
 from esmm.train import load_checkpoint, load_model, save_atomic, train
 
 
@@ -198,3 +198,18 @@ def test_device_setting_is_checked_before_training(flat_data, cfg_factory, tmp_p
     cfg = cfg_factory(flat_data["train"], flat_data["valid"], max_steps=5, device="auto")
     res = train(cfg, tmp_path / "auto")
     assert res.step == 5 and res.metrics["n_impressions"] == 4000
+
+
+def test_resume_with_optimizer_state_of_another_layout_names_the_versions(flat_data,
+                                                                          cfg_factory, tmp_path):
+    cfg = cfg_factory(flat_data["train"], max_steps=3, epochs=1)
+    train(cfg, tmp_path / "run")
+    latest = tmp_path / "run/checkpoints/latest.pt"
+    ck = torch.load(latest, weights_only=False)
+    # As a 0.1 checkpoint holds it: one SparseAdam parameter per field, not one per table.
+    group = ck["optimizers"][-1]["param_groups"][0]
+    group["params"] = list(range(100, 105))
+    ck["version"] = "0.1.0"
+    torch.save(ck, latest)
+    with pytest.raises(EsmmError, match=r"written by esmm 0\.1\.0.*this is"):
+        train(cfg, tmp_path / "run", resume=True)
