@@ -641,7 +641,8 @@ def paper_report(rows: Sequence[dict[str, Any]], methods: Sequence[str], seeds: 
               "scores pCVR against `conversion_if_clicked` over all impressions; "
               "`cvr_auc_entire_space_oracle` does the same for the true p_conversion: the "
               "ceiling. Methods other than ESMM, ESMM-NS and DIVISION rank CTCVR by "
-              "pCVR x pCTR, the pCTR coming from the method's own CTR net."]
+              "pCVR x pCTR, the pCTR coming from the seed's CTR net (rows `CTR net`); "
+              "`own_ctr_auc` and `own_ctcvr_auc` use the method's own CTR net instead."]
     return "\n".join(lines) + "\n"
 
 
