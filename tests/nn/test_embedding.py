@@ -150,9 +150,13 @@ def test_per_field_checkpoints_load_into_the_fused_tables():
            for f in SPEC.sparse}
     dst = EmbeddingCollection(SPEC)
     dst.load_state_dict(old)
+    # Inside a model, under the module's prefix, as a checkpoint holds them.
+    parent = torch.nn.ModuleDict({"embedding": EmbeddingCollection(SPEC)})
+    parent.load_state_dict({f"embedding.{k}": v for k, v in old.items()})
     for f in SPEC.sparse:
-        torch.testing.assert_close(dst.field_weight(f.name), src.field_weight(f.name),
-                                   rtol=0, atol=0)
+        for got in (dst, parent["embedding"]):
+            torch.testing.assert_close(got.field_weight(f.name), src.field_weight(f.name),
+                                       rtol=0, atol=0)
 
 
 def test_missing_field_is_named():

@@ -20,7 +20,8 @@ class EmbeddingCollection(nn.Module):
     (single ids, bags per pooling, each on the impression or the user side) instead of one per
     field, and the optimizer sees one sparse gradient per table: with a dozen fields this
     removes most of the per-field calls of a training step. Field ``f``'s rows are
-    ``table[offset_f : offset_f + buckets_f]``; no id of one field can reach another's rows.
+    ``table[offset_f : offset_f + buckets_f]``; encoding hashes every id into [0, buckets_f),
+    so a field reads only its own rows.
 
     Args:
         spec: the feature spec (field order fixes the output layout).
@@ -52,7 +53,7 @@ class EmbeddingCollection(nn.Module):
             nn.init.normal_(w, std=0.01)
             self.weights[key] = nn.Parameter(w)
         self.output_dim = spec.input_dim
-        self._register_load_state_dict_pre_hook(self._from_per_field_tables)
+        self.register_load_state_dict_pre_hook(_from_per_field_tables)
 
     def field_weight(self, name: str) -> torch.Tensor:
         """Field ``name``'s rows of its table: (buckets, D), a view."""
@@ -62,15 +63,6 @@ class EmbeddingCollection(nn.Module):
     def tables(self) -> Iterator[nn.Parameter]:
         """The embedding tables (the parameters that take sparse gradients when ``sparse``)."""
         return iter(self.weights.values())
-
-    def _from_per_field_tables(self, state_dict, prefix, *args) -> None:
-        """Load checkpoints written with one table per field (``tables.NAME.weight``)."""
-        old = {f.name: f"{prefix}tables.{f.name}.weight" for f in self.spec.sparse}
-        if not all(k in state_dict for k in old.values()):
-            return
-        for key, names in self._names.items():
-            state_dict[f"{prefix}weights.{key}"] = torch.cat([state_dict.pop(old[n])
-                                                              for n in names])
 
     def _lookup(self, names: list[str], ids: dict, bags: dict
                 ) -> tuple[list[str], torch.Tensor]:
@@ -150,3 +142,12 @@ class EmbeddingCollection(nn.Module):
         if batch.dense is not None:
             parts.append(batch.dense)
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # (B, input_dim)
+
+
+def _from_per_field_tables(module: EmbeddingCollection, state_dict, prefix, *args) -> None:
+    """Load checkpoints written with one table per field (``tables.NAME.weight``)."""
+    old = {f.name: f"{prefix}tables.{f.name}.weight" for f in module.spec.sparse}
+    if not all(k in state_dict for k in old.values()):
+        return
+    for key, names in module._names.items():
+        state_dict[f"{prefix}weights.{key}"] = torch.cat([state_dict.pop(old[n]) for n in names])
