@@ -165,3 +165,17 @@ def test_missing_field_is_named():
     del batch.user_ids["u"]
     with pytest.raises(KeyError, match="'u'"):
         coll(batch)
+
+
+def test_a_seed_gives_the_initial_weights_of_one_table_per_field():
+    # The reference: one nn.Embedding per field in spec order, re-initialised at std 0.01.
+    torch.manual_seed(11)
+    ref = {}
+    for f in SPEC.sparse:
+        emb = torch.nn.Embedding(f.buckets, f.dim)
+        torch.nn.init.normal_(emb.weight, std=0.01)
+        ref[f.name] = emb.weight.detach()
+    torch.manual_seed(11)
+    coll = EmbeddingCollection(SPEC)
+    for f in SPEC.sparse:
+        torch.testing.assert_close(coll.field_weight(f.name), ref[f.name], rtol=0, atol=0)

@@ -48,12 +48,24 @@ class EmbeddingCollection(nn.Module):
         self._names = {key: [n for n, (k, _, _) in self.field_rows.items() if k == key]
                        for key in sizes}  # each table's fields, in spec order
         for key, rows in sizes.items():
-            w = torch.empty(rows, int(key[3:]))
-            # Small init keeps the towers' first layer in its linear range at the start.
-            nn.init.normal_(w, std=0.01)
-            self.weights[key] = nn.Parameter(w)
+            self.weights[key] = nn.Parameter(torch.empty(rows, int(key[3:])))
+        self.reset_parameters()
         self.output_dim = spec.input_dim
         self.register_load_state_dict_pre_hook(_from_per_field_tables)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """N(0, 0.01^2) weights, drawn field by field in spec order.
+
+        The random stream is the one of one ``nn.Embedding`` per field re-initialised with
+        ``normal_(std=0.01)`` (a N(0, 1) draw, then the N(0, 0.01^2) one), so a seed gives the
+        same initial weights as esmm 0.1 did. The small scale keeps the towers' first layer in
+        its linear range at the start.
+        """
+        for f in self.spec.sparse:
+            block = self.field_weight(f.name)
+            block.normal_()
+            block.normal_(std=0.01)
 
     def field_weight(self, name: str) -> torch.Tensor:
         """Field ``name``'s rows of its table: (buckets, D), a view."""
