@@ -104,7 +104,7 @@ def test_one_table_per_width_and_fields_own_disjoint_blocks():
     for key, w in coll.weights.items():
         covered = torch.zeros(len(w), dtype=torch.int64)
         for f in SPEC.sparse:
-            k, start, _ = coll.field_rows[f.name]
+            k, start = coll.field_rows[f.name]
             if k == key:
                 assert coll.field_weight(f.name).shape == (f.buckets, f.dim)
                 covered[start:start + f.buckets] += 1
@@ -123,7 +123,7 @@ def test_gradient_reaches_exactly_the_rows_each_field_used(side):
     expect = {k: np.zeros(tuple(w.shape)) for k, w in coll.weights.items()}
     col = 0
     for f in SPEC.sparse:
-        key, start, _ = coll.field_rows[f.name]
+        key, start = coll.field_rows[f.name]
         c = coef[col:col + f.dim].double().numpy()
         for x in raw[f.name]:
             ids = x if isinstance(x, list) else [x]

@@ -36,16 +36,16 @@ class EmbeddingCollection(nn.Module):
         self.spec = spec
         self.sparse = sparse
         self.weights = nn.ParameterDict()
-        # field -> (table key, first row, position in spec.sparse)
-        self.field_rows: dict[str, tuple[str, int, int]] = {}
+        # field -> (table key, first row)
+        self.field_rows: dict[str, tuple[str, int]] = {}
         sizes: dict[str, int] = {}
-        for pos, f in enumerate(spec.sparse):
+        for f in spec.sparse:
             key = f"dim{f.dim}"
             start = sizes.get(key, 0)
-            self.field_rows[f.name] = (key, start, pos)
+            self.field_rows[f.name] = (key, start)
             sizes[key] = start + f.buckets
         self._fields = {f.name: f for f in spec.sparse}
-        self._names = {key: [n for n, (k, _, _) in self.field_rows.items() if k == key]
+        self._names = {key: [n for n, (k, _) in self.field_rows.items() if k == key]
                        for key in sizes}  # each table's fields, in spec order
         for key, rows in sizes.items():
             self.weights[key] = nn.Parameter(torch.empty(rows, int(key[3:])))
@@ -69,7 +69,7 @@ class EmbeddingCollection(nn.Module):
 
     def field_weight(self, name: str) -> torch.Tensor:
         """Field ``name``'s rows of its table: (buckets, D), a view."""
-        key, start, _ = self.field_rows[name]
+        key, start = self.field_rows[name]
         return self.weights[key][start:start + self._fields[name].buckets]
 
     def tables(self) -> Iterator[nn.Parameter]:
