@@ -47,3 +47,16 @@ def test_two_writers_use_distinct_temporary_names(tmp_path):
         a.write_text("a")
         b.write_text("b")
     assert path.read_text() == "a"
+
+
+def test_new_files_get_the_umask_mode_and_rewrites_keep_theirs(tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = tmp_path / "report.md"
+        fsio.write_text(path, "a")
+        assert path.stat().st_mode & 0o777 == 0o644
+        path.chmod(0o640)
+        fsio.write_text(path, "b")
+        assert path.stat().st_mode & 0o777 == 0o640
+    finally:
+        os.umask(old)

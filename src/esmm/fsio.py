@@ -41,10 +41,26 @@ def _fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
+def _file_mode(path: Path) -> int:
+    """The mode the file would get from a plain ``open``: kept if it exists, else 0o666 less umask.
+
+    mkstemp creates files 0o600, which would make every rewritten output private.
+    """
+    try:
+        return path.stat().st_mode & 0o7777
+    except OSError:
+        mask = os.umask(0)
+        os.umask(mask)
+        return 0o666 & ~mask
+
+
 def _temp_name(path: Path) -> Path:
     """A unique, hidden name beside ``path`` (same folder, so the rename is atomic)."""
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    try:
+        os.fchmod(fd, _file_mode(path))
+    finally:
+        os.close(fd)
     return Path(name)
 
 
