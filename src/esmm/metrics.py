@@ -548,12 +548,13 @@ def format_table(
 def average_ranks(values: object) -> np.ndarray:
     """Ranks 1..N of ``values`` (shape (N,), no NaN), tied values sharing their mean rank.
 
-    One stable sort, then one pass over runs of equal values: a run covering sorted positions
-    a..b (0-based) gets rank (a + b) / 2 + 1. Returns float64, shape (N,).
+    One sort, then one pass over runs of equal values: a run covering sorted positions a..b
+    (0-based) gets rank (a + b) / 2 + 1, so the order of tied values within their run does not
+    matter. Returns float64, shape (N,).
     """
     x = _scores(values, "values")
     n = len(x)
-    order = np.argsort(x, kind="stable")
+    order = np.argsort(x)
     xs = x[order]
     new_run = np.empty(n, dtype=bool)
     if n:
