@@ -201,6 +201,12 @@ def test_check_gradients_passes_finite_and_missing_gradients():
     check_gradients(m, 1)  # no gradient yet
     m.good(m.table(torch.tensor([0, 4]))).sum().backward()
     check_gradients(m, 2)
+    # Finite entries whose sum overflows float32 are not an error; an inf entry is.
+    m.good.weight.grad = torch.full_like(m.good.weight, 3e38)
+    check_gradients(m, 3)
+    m.good.bias.grad = torch.tensor([float("inf")])
+    with pytest.raises(EsmmError, match=r"step 4 in parameter\(s\) good\.bias \("):
+        check_gradients(m, 4)
 
 
 def test_training_stops_at_a_non_finite_gradient_naming_it(flat_data, cfg_factory, tmp_path,

@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 
 from esmm.errors import UsageError
 from esmm.fsio import atomic_path, write_text
+from esmm.metrics import auc, spearman
 
 log = logging.getLogger(__name__)
 
@@ -893,8 +894,6 @@ def selection_effects(cfg: SimConfig, rows: int = 200_000, seed: int = 0,
       the drawn clicks and on all rows; ``auc_p_click_entire_space``: the AUC of p_click there
       (what click propensity alone earns on entire-space CVR ranking).
     """
-    from esmm.metrics import auc, spearman
-
     _check_seed(seed)
     _check_rows({split: rows})
     world = _build_world(cfg, int(seed))
