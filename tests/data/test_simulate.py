@@ -533,6 +533,10 @@ def test_selection_correlation_moves_the_correlation_and_nothing_else():
     shifts = [e["covariate_shift"] for e in runs.values()]
     assert max(shifts) < 1.2 * min(shifts)
     assert all(e["confounding"] == 1.0 for e in runs.values())
+    # Calibration follows the knob: the rates stay on target at every correlation.
+    for e in runs.values():
+        assert e["ctr"] == pytest.approx(0.04, rel=0.1)
+        assert e["conversions_per_click"] == pytest.approx(0.10, rel=0.1)
     # Click propensity alone ranks conversions better the more it is aligned with them.
     auc_click = [runs[rho]["auc_p_click_entire_space"] for rho in (-1, 0, 0.5, 1)]
     assert auc_click == sorted(auc_click)
