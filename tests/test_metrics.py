@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from scipy import stats as scipy_stats
 from sklearn.metrics import log_loss, roc_auc_score
 
 from esmm.errors import DataError
@@ -17,11 +18,15 @@ from esmm.metrics import (
     METRIC_ORDER,
     MetricSpace,
     auc,
+    average_ranks,
     compute_metrics,
+    entire_space_diagnostics,
     format_table,
     grouped_auc,
     logloss,
     pcoc,
+    pctr_as_pcvr_metrics,
+    spearman,
 )
 
 TOL = 1e-9
@@ -459,3 +464,142 @@ def test_format_table_from_compute_metrics():
     header = text.splitlines()[0]
     cols = [c.strip() for c in header.strip("|").split("|")][1:]
     assert cols == list(METRIC_ORDER)
+
+
+# ---------------------------------------------------------------------------------------------
+# Spearman and the entire-space diagnostics (scipy / sklearn as oracles)
+
+
+@pytest.mark.parametrize("decimals", [None, 1, 2])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_spearman_and_ranks_match_scipy(seed, decimals):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=3000)
+    y = 0.4 * x + rng.normal(size=3000)
+    if decimals is not None:  # heavy ties
+        x, y = np.round(x, decimals), np.round(y, decimals)
+    np.testing.assert_array_equal(average_ranks(x), scipy_stats.rankdata(x))
+    assert spearman(x, y) == pytest.approx(scipy_stats.spearmanr(x, y).statistic, abs=TOL)
+
+
+@settings(max_examples=150, deadline=None, derandomize=True)
+@given(st.lists(st.tuples(st.integers(-3, 3), st.integers(-3, 3)), min_size=2, max_size=40))
+def test_spearman_property_matches_scipy(pairs):
+    x = np.array([p[0] for p in pairs], dtype=float)
+    y = np.array([p[1] for p in pairs], dtype=float)
+    got = spearman(x, y)
+    if np.ptp(x) == 0 or np.ptp(y) == 0:
+        assert math.isnan(got)
+    else:
+        assert got == pytest.approx(scipy_stats.spearmanr(x, y).statistic, abs=TOL)
+
+
+def test_spearman_edges_and_errors():
+    assert spearman([1.0, 2.0, 3.0], [3.0, 2.0, 1.0]) == pytest.approx(-1.0)
+    assert spearman(np.arange(5), np.exp(np.arange(5))) == pytest.approx(1.0)
+    assert math.isnan(spearman([1.0], [2.0]))
+    assert math.isnan(spearman([], []))
+    with pytest.raises(DataError, match="length mismatch.*y has 2.*x has 3"):
+        spearman([1, 2, 3], [1, 2])
+    with pytest.raises(DataError, match="x contains 1 NaN"):
+        spearman([1.0, np.nan], [1.0, 2.0])
+
+
+def test_entire_space_diagnostics_against_independent_formulas():
+    preds, _, _, truth = make_data(seed=4)
+    rng = np.random.default_rng(4)
+    truth = {**truth, "p_click": np.clip(preds["p_ctr"] + rng.normal(0, 0.1, 4000), 0, 1)}
+    d = entire_space_diagnostics(preds, truth)
+    y, q, p = truth["conversion_if_clicked"], truth["p_conversion"], preds["p_cvr"]
+    assert d["cvr_logloss_entire_space"] == pytest.approx(sk_log_loss(y, p), abs=TOL)
+    assert d["cvr_pcoc_entire_space"] == pytest.approx(p.mean() / y.mean(), rel=TOL)
+    assert d["cvr_logloss_entire_space_oracle"] == pytest.approx(sk_log_loss(y, q), abs=TOL)
+    # Soft labels: the mean over the two outcomes weighted by the true probability.
+    ce = -np.mean(q * np.log(p) + (1 - q) * np.log(1 - p))
+    assert d["cvr_logloss_p_conversion"] == pytest.approx(ce, rel=1e-12)
+    kl = np.mean(q * np.log(q / p) + (1 - q) * np.log((1 - q) / (1 - p)))
+    assert d["cvr_kl_p_conversion"] == pytest.approx(kl, rel=1e-9)
+    assert d["cvr_pcoc_p_conversion"] == pytest.approx(p.mean() / q.mean(), rel=TOL)
+    assert d["cvr_ctr_spearman"] == pytest.approx(
+        scipy_stats.spearmanr(p, preds["p_ctr"]).statistic, abs=TOL)
+    assert d["cvr_p_click_spearman"] == pytest.approx(
+        scipy_stats.spearmanr(p, truth["p_click"]).statistic, abs=TOL)
+
+
+def test_entire_space_diagnostics_truth_scores_zero_divergence():
+    _, _, _, truth = make_data(seed=5)
+    q = truth["p_conversion"]
+    d = entire_space_diagnostics({"p_cvr": q, "p_ctr": q}, truth)
+    assert d["cvr_kl_p_conversion"] == pytest.approx(0.0, abs=1e-12)
+    assert d["cvr_logloss_entire_space"] == d["cvr_logloss_entire_space_oracle"]
+    assert d["cvr_ctr_spearman"] == pytest.approx(1.0)
+    assert "cvr_p_click_spearman" not in d
+
+
+def test_entire_space_diagnostics_keys_follow_the_inputs_and_errors():
+    preds, _, _, truth = make_data(seed=6)
+    only_draw = entire_space_diagnostics({"p_cvr": preds["p_cvr"]},
+                                         {"conversion_if_clicked": truth["conversion_if_clicked"]})
+    assert set(only_draw) == {"cvr_logloss_entire_space", "cvr_pcoc_entire_space"}
+    with pytest.raises(DataError, match="missing key 'p_cvr'"):
+        entire_space_diagnostics({"p_ctr": preds["p_ctr"]}, truth)
+    with pytest.raises(DataError, match=r"ground_truth\['p_click'\].*probabilities"):
+        entire_space_diagnostics(preds, {**truth, "p_click": np.full(4000, 1.5)})
+    with pytest.raises(DataError, match="length mismatch"):
+        entire_space_diagnostics(preds, {"p_conversion": truth["p_conversion"][:10]})
+
+
+def test_pctr_as_pcvr_control_row():
+    preds, labels, groups, truth = make_data(seed=7)
+    truth = {**truth, "p_click": np.clip(preds["p_ctr"] * 0.9, 0, 1)}
+    row = pctr_as_pcvr_metrics(preds, labels, truth, groups=groups)
+    clicked = labels["click"] == 1
+    assert row["cvr_auc"] == pytest.approx(
+        roc_auc_score(labels["conversion"][clicked], preds["p_ctr"][clicked]), abs=TOL)
+    assert row["cvr_gauc"] == pytest.approx(
+        oracle_gauc(labels["conversion"][clicked], preds["p_ctr"][clicked], groups[clicked]),
+        abs=TOL)
+    assert row["cvr_auc_entire_space"] == pytest.approx(
+        roc_auc_score(truth["conversion_if_clicked"], preds["p_ctr"]), abs=TOL)
+    assert row["cvr_p_click_spearman"] == pytest.approx(1.0)
+    # The model's own pCVR is not consulted.
+    other = pctr_as_pcvr_metrics({"p_ctr": preds["p_ctr"]}, labels, truth, groups=groups)
+    assert other == row
+    assert set(pctr_as_pcvr_metrics(preds, labels)) == {"cvr_auc"}
+
+
+def test_evaluate_reports_the_diagnostics_whenever_ground_truth_is_present(
+        flat_data, cfg_factory, tmp_path):
+    """`esmm evaluate`'s path: streamed and in-memory splits give the same diagnostics, equal
+    to the functions applied to the model's predictions."""
+    import pyarrow.parquet as pq
+
+    from esmm.data.stream import open_split
+    from esmm.evaluate import evaluate, predict_split
+    from esmm.train import load_model, train
+
+    cfg = cfg_factory(flat_data["train"], flat_data["valid"], epochs=1)
+    train(cfg, tmp_path / "run")
+    model, cfg, spec, _ = load_model(tmp_path / "run")
+    got = {}
+    for loader in ("stream", "memory"):
+        got[loader] = evaluate(model, open_split(flat_data["valid"], spec, cfg.data,
+                                                 loader=loader))
+    for k in ("cvr_logloss_entire_space", "cvr_kl_p_conversion", "cvr_ctr_spearman",
+              "cvr_p_click_spearman", "cvr_pcoc_p_conversion"):
+        assert got["stream"][k] == pytest.approx(got["memory"][k], rel=1e-9), k
+    preds, _ = predict_split(model, open_split(flat_data["valid"], spec, cfg.data,
+                                               loader="memory"))
+    t = pq.read_table(flat_data["valid"])
+    truth = {c: t.column(c).to_numpy() for c in ("p_click", "p_conversion",
+                                                 "conversion_if_clicked")}
+    assert got["memory"]["cvr_ctr_spearman"] == pytest.approx(
+        scipy_stats.spearmanr(preds["p_cvr"], preds["p_ctr"]).statistic, abs=1e-9)
+    want = entire_space_diagnostics(preds, truth)
+    for k, v in want.items():
+        assert got["memory"][k] == pytest.approx(v, rel=1e-9), k
+    # Without ground truth columns there is nothing to diagnose.
+    bare = tmp_path / "bare.parquet"
+    pq.write_table(t.drop_columns(["p_click", "p_conversion", "conversion_if_clicked"]), bare)
+    plain = evaluate(model, open_split(bare, spec, cfg.data, loader="memory"))
+    assert "cvr_ctr_spearman" not in plain and "cvr_auc" in plain

@@ -15,7 +15,7 @@ import torch
 from esmm.data.batches import iter_batches, read_ahead
 from esmm.data.stream import Split
 from esmm.data.tables import EncodedData
-from esmm.metrics import compute_metrics
+from esmm.metrics import compute_metrics, entire_space_diagnostics
 from esmm.models.base import OUTPUT_NAMES, MultiTaskModel
 
 log = logging.getLogger(__name__)
@@ -58,10 +58,14 @@ def predict_arrays(model: MultiTaskModel, data: EncodedData, batch_size: int = 8
 
 def evaluate_arrays(model: MultiTaskModel, data: EncodedData, preds: dict[str, np.ndarray]
                     ) -> dict[str, float]:
-    """Metrics of ``preds`` on ``data`` in the model's declared metric spaces."""
+    """Metrics of ``preds`` on ``data`` in the model's declared metric spaces, plus the
+    entire-space diagnostics of pCVR where ``data`` carries simulator ground truth."""
     labels = {"click": data.click, "conversion": data.conversion}
-    return compute_metrics(preds, labels, groups=data.groups,
-                           ground_truth=data.ground_truth or None, spaces=model.metric_spaces)
+    out = compute_metrics(preds, labels, groups=data.groups,
+                          ground_truth=data.ground_truth or None, spaces=model.metric_spaces)
+    if data.ground_truth and "p_cvr" in preds:
+        out.update(entire_space_diagnostics(preds, data.ground_truth))
+    return out
 
 
 def predict_split(model: MultiTaskModel, split: Split, batch_size: int = 8192

@@ -5,9 +5,13 @@ probability space and feeding it to BCE underflows (p -> 0 gives log(0)) and is 
 "fixed" by clamping, which hides the problem. Here:
 
     log p       = logsigmoid(a) + logsigmoid(b)
-    log (1 - p) = log1mexp(log p)
+    log (1 - p) = logaddexp(logsigmoid(-a), logsigmoid(a) + logsigmoid(-b))
 
-with a stable ``log1mexp``, so the loss stays finite and exact for logits of any size.
+The second line is the identity 1 - s(a) s(b) = (1 - s(a)) + s(a) (1 - s(b)). It is not
+``log1mexp(log p)``: once both logits pass about 104, log p rounds to exactly 0 in float32,
+log(1 - p) becomes log(0) and its gradient 0 * inf = NaN, even on rows whose label drops that
+term. Every term of the recursion is finite for finite logits, so the loss and its gradient are
+finite and exact for any finite logits.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+
+from esmm.errors import EsmmError
 
 _LOG_HALF = -math.log(2.0)
 
@@ -54,11 +60,18 @@ def bce_with_logits(logit: torch.Tensor, label: torch.Tensor,
 
 
 def product_log_probs(logits: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log p, log(1 - p)) for p = prod_i sigmoid(logits[i]), each (N,)."""
+    """(log p, log(1 - p)) for p = prod_i sigmoid(logits[i]), each (N,).
+
+    log(1 - p) follows 1 - P s(x) = (1 - s(x)) + s(x) (1 - P) factor by factor, in log space,
+    so neither output nor its gradient overflows for finite logits (see the module docstring).
+    """
     log_p = F.logsigmoid(logits[0])
+    log_q = F.logsigmoid(-logits[0])
     for lg in logits[1:]:
-        log_p = log_p + F.logsigmoid(lg)
-    return log_p, log1mexp(log_p)
+        log_s = F.logsigmoid(lg)
+        log_q = torch.logaddexp(F.logsigmoid(-lg), log_s + log_q)
+        log_p = log_p + log_s
+    return log_p, log_q
 
 
 def bce_product_of_logits(logits: list[torch.Tensor], label: torch.Tensor,
@@ -71,3 +84,26 @@ def bce_product_of_logits(logits: list[torch.Tensor], label: torch.Tensor,
     per_row = -(torch.where(label > 0, label * log_p, zero)
                 + torch.where(label < 1, (1.0 - label) * log_q, zero))
     return weighted_mean(per_row, weight)
+
+
+def check_gradients(model: torch.nn.Module, step: int) -> None:
+    """Raise :class:`EsmmError` naming every parameter whose gradient holds a NaN or an inf.
+
+    Called between ``backward()`` and the optimizer step: a non-finite gradient would otherwise
+    be written into the weights and surface one step later as a non-finite loss, far from its
+    cause. The common case costs one sum per gradient and a single host synchronisation: a sum
+    is finite when every entry is (a NaN or inf propagates); only a non-finite sum triggers the
+    exact per-parameter check. Sparse gradients are checked on their stored values.
+    """
+    named = [(name, p.grad._values() if p.grad.is_sparse else p.grad)
+             for name, p in model.named_parameters() if p.grad is not None]
+    if not named:
+        return
+    if bool(torch.isfinite(torch.stack([g.sum() for _, g in named]).sum())):
+        return
+    # The sum can also overflow with finite entries; only entries that are NaN or inf count.
+    bad = [name for name, g in named if not bool(torch.isfinite(g).all())]
+    if bad:
+        raise EsmmError(f"non-finite gradient at step {step} in parameter(s) {', '.join(bad)} "
+                        "(the loss itself was finite); check the model's losses and the input "
+                        "features of this batch")

@@ -9,6 +9,10 @@ rows or groups, so the functions scale to tens of millions of impressions.
 * :func:`pcoc` -- predicted over observed rate, ``mean(prob) / mean(label)``.
 * :func:`compute_metrics` -- the full CTR / CVR / CTCVR report for a multi-task model.
 * :func:`format_table` -- a Markdown table of several runs' metrics.
+* :func:`spearman` -- exact rank correlation (tied values share their mean rank).
+* :func:`entire_space_diagnostics` -- pCVR over every impression against the simulator's truth,
+  and how much of it is click propensity.
+* :func:`pctr_as_pcvr_metrics` -- the control row: the model's pCTR scored as its pCVR.
 
 All arrays are 1-D with N rows. Labels are 0/1 (bool, integer or float dtype).
 """
@@ -31,11 +35,15 @@ __all__ = [
     "METRIC_ORDER",
     "MetricSpace",
     "auc",
+    "average_ranks",
     "compute_metrics",
+    "entire_space_diagnostics",
     "format_table",
     "grouped_auc",
     "logloss",
     "pcoc",
+    "pctr_as_pcvr_metrics",
+    "spearman",
 ]
 
 _DEFAULT_EPS = float(np.finfo(np.float64).eps)
@@ -530,3 +538,164 @@ def format_table(
         cells = [_cell(name)] + [_format_value(c, metrics.get(c), fmt) for c in cols]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------
+# entire-space diagnostics (simulated data: the ground truth is known for every impression)
+# --------------------------------------------------------------------------------------------
+
+
+def average_ranks(values: object) -> np.ndarray:
+    """Ranks 1..N of ``values`` (shape (N,), no NaN), tied values sharing their mean rank.
+
+    One sort, then one pass over runs of equal values: a run covering sorted positions a..b
+    (0-based) gets rank (a + b) / 2 + 1, so the order of tied values within their run does not
+    matter. Returns float64, shape (N,).
+    """
+    x = _scores(values, "values")
+    n = len(x)
+    order = np.argsort(x)
+    xs = x[order]
+    new_run = np.empty(n, dtype=bool)
+    if n:
+        new_run[0] = True
+        np.not_equal(xs[1:], xs[:-1], out=new_run[1:])
+    starts = np.flatnonzero(new_run)
+    ends = np.append(starts[1:], n) - 1
+    run_rank = 0.5 * (starts + ends).astype(np.float64) + 1.0
+    ranks = np.empty(n, dtype=np.float64)
+    ranks[order] = np.repeat(run_rank, ends - starts + 1)
+    return ranks
+
+
+def _pearson(a: np.ndarray, b: np.ndarray) -> float:
+    a = a - a.mean()
+    b = b - b.mean()
+    denom = math.sqrt(float(np.dot(a, a)) * float(np.dot(b, b)))
+    if denom == 0.0:
+        return math.nan
+    return float(np.clip(np.dot(a, b) / denom, -1.0, 1.0))
+
+
+def spearman(x: object, y: object) -> float:
+    """Spearman's rank correlation of ``x`` and ``y`` (each shape (N,), no NaN), exact with ties.
+
+    The Pearson correlation of the average ranks (:func:`average_ranks`): the same value as
+    ``scipy.stats.spearmanr``. ``nan`` when N < 2 or either input is constant.
+    """
+    a, b = _scores(x, "x"), _scores(y, "y")
+    n = _check_lengths({"x": a, "y": b})
+    if n < 2:
+        return math.nan
+    return _pearson(average_ranks(a), average_ranks(b))
+
+
+def _soft_logloss(targets: np.ndarray, probs: np.ndarray, eps: float = _DEFAULT_EPS) -> float:
+    """Mean cross-entropy of ``probs`` against probability ``targets`` (both (N,)): the
+    expected log loss over Bernoulli(targets) labels."""
+    p = np.clip(probs, eps, 1.0 - eps)
+    return float(-np.mean(targets * np.log(p) + (1.0 - targets) * np.log1p(-p)))
+
+
+def _bernoulli_entropy(q: np.ndarray) -> float:
+    """Mean entropy of Bernoulli(q), (N,) -> float; 0 log 0 = 0."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        h = -(np.where(q > 0, q * np.log(q), 0.0) + np.where(q < 1, (1 - q) * np.log1p(-q), 0.0))
+    return float(np.mean(h))
+
+
+def entire_space_diagnostics(preds: Mapping[str, np.ndarray],
+                             ground_truth: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """How a model's pCVR behaves on every impression, clicked or not.
+
+    A CVR model is trained where clicks happen but used on every impression. These measure it
+    there, against the simulator's ground truth, and measure how much of pCVR is click
+    propensity (the leak of pCTR into pCVR through shared parameters).
+
+    Keys, each present when its inputs are:
+
+    * ``cvr_logloss_entire_space``, ``cvr_pcoc_entire_space``: log loss and PCOC of ``p_cvr``
+      against ``conversion_if_clicked`` over all impressions;
+      ``cvr_logloss_entire_space_oracle``: the log loss of ``p_conversion`` there (the floor).
+    * ``cvr_logloss_p_conversion``: cross-entropy of ``p_cvr`` against the true
+      ``p_conversion`` (the log loss expected over the conversion draw);
+      ``cvr_kl_p_conversion``: that minus the entropy of ``p_conversion`` (mean KL divergence,
+      0 only for the truth); ``cvr_pcoc_p_conversion``: ``mean(p_cvr) / mean(p_conversion)``.
+    * ``cvr_ctr_spearman``: Spearman(``p_cvr``, the model's ``p_ctr``);
+      ``cvr_p_click_spearman``: Spearman(``p_cvr``, the true ``p_click``).
+
+    Args:
+        preds: ``p_cvr`` and optionally ``p_ctr``, probabilities of shape (N,).
+        ground_truth: any of ``conversion_if_clicked`` (0/1), ``p_conversion`` and
+            ``p_click`` (probabilities), shape (N,).
+
+    Raises:
+        DataError: ``p_cvr`` missing, unequal lengths, bad labels or probabilities.
+    """
+    if "p_cvr" not in preds:
+        raise DataError(f"predictions are missing key 'p_cvr'; got keys {sorted(preds)}")
+    p = _probs(preds["p_cvr"], "preds['p_cvr']")
+    arrays: dict[str, np.ndarray] = {"preds['p_cvr']": p}
+    truth = p_conv = p_click = p_ctr = None
+    if "p_ctr" in preds:
+        p_ctr = arrays["preds['p_ctr']"] = _probs(preds["p_ctr"], "preds['p_ctr']")
+    if "conversion_if_clicked" in ground_truth:
+        truth = _binary(ground_truth["conversion_if_clicked"],
+                        "ground_truth['conversion_if_clicked']")
+        arrays["ground_truth['conversion_if_clicked']"] = truth
+    if "p_conversion" in ground_truth:
+        p_conv = _probs(ground_truth["p_conversion"], "ground_truth['p_conversion']")
+        arrays["ground_truth['p_conversion']"] = p_conv
+    if "p_click" in ground_truth:
+        p_click = _probs(ground_truth["p_click"], "ground_truth['p_click']")
+        arrays["ground_truth['p_click']"] = p_click
+    n = _check_lengths(arrays)
+    out: dict[str, float] = {}
+    if n == 0:
+        return out
+    if truth is not None:
+        out["cvr_logloss_entire_space"] = logloss(truth, p)
+        out["cvr_pcoc_entire_space"] = pcoc(truth, p)
+        if p_conv is not None:
+            out["cvr_logloss_entire_space_oracle"] = logloss(truth, p_conv)
+    if p_conv is not None:
+        out["cvr_logloss_p_conversion"] = _soft_logloss(p_conv, p)
+        out["cvr_kl_p_conversion"] = out["cvr_logloss_p_conversion"] - _bernoulli_entropy(p_conv)
+        mean_truth = float(p_conv.mean())
+        out["cvr_pcoc_p_conversion"] = float(p.mean()) / mean_truth if mean_truth else math.nan
+    if (p_ctr is not None or p_click is not None) and n >= 2:
+        rank_cvr = average_ranks(p)  # shared by both correlations
+        if p_ctr is not None:
+            out["cvr_ctr_spearman"] = _pearson(rank_cvr, average_ranks(p_ctr))
+        if p_click is not None:
+            out["cvr_p_click_spearman"] = _pearson(rank_cvr, average_ranks(p_click))
+    return out
+
+
+def pctr_as_pcvr_metrics(preds: Mapping[str, np.ndarray], labels: Mapping[str, np.ndarray],
+                         ground_truth: Mapping[str, np.ndarray] | None = None,
+                         groups: np.ndarray | None = None) -> dict[str, float]:
+    """The control row "pCTR used as pCVR": what click propensity alone earns on CVR ranking.
+
+    Scores the CVR task with the model's own ``p_ctr`` in place of ``p_cvr``, under the same
+    keys as :func:`compute_metrics`: ``cvr_auc`` (and ``cvr_gauc`` with ``groups``) on clicked
+    impressions against ``conversion``, and ``cvr_auc_entire_space`` over all impressions
+    against ``conversion_if_clicked`` when the ground truth has it, plus
+    ``cvr_p_click_spearman`` when it has ``p_click``. A method's CVR AUC close to this row's
+    says its pCVR ranks impressions about as its pCTR does. Log loss and PCOC are left out:
+    pCTR is on the click scale, so they would measure the scale, not the ranking.
+
+    Args:
+        preds: ``p_ctr``, shape (N,).
+        labels: ``click`` and ``conversion``, 0/1, shape (N,).
+        ground_truth: optional ``conversion_if_clicked`` and ``p_click``, shape (N,).
+        groups: optional group ids (user ids), shape (N,), for GAUC.
+    """
+    spaces = (MetricSpace("cvr", "p_ctr", "conversion", "click"),)
+    full = compute_metrics(preds, labels, groups=groups, ground_truth=ground_truth,
+                           spaces=spaces)
+    keep = ("cvr_auc", "cvr_gauc", "cvr_auc_entire_space")
+    out = {k: full[k] for k in keep if k in full}
+    if ground_truth is not None and "p_click" in ground_truth:
+        out["cvr_p_click_spearman"] = spearman(preds["p_ctr"], ground_truth["p_click"])
+    return out

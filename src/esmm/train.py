@@ -40,6 +40,7 @@ from esmm.data.stream import Split, open_split, split_batches
 from esmm.errors import ConfigError, EsmmError, UsageError
 from esmm.evaluate import evaluate
 from esmm.features import FeatureSpec, spec_from_config
+from esmm.losses import check_gradients
 from esmm.models import MultiTaskModel, build_model
 from esmm.nn.embedding import EmbeddingCollection
 from esmm.optim import RowSparseAdam
@@ -378,6 +379,7 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False,
                     for o in opts:
                         o.zero_grad(set_to_none=True)
                     total.backward()
+                    check_gradients(model, step + 1)
                     for o in opts:
                         o.step()
                     step += 1

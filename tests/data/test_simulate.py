@@ -465,3 +465,120 @@ def test_smallest_world_and_progress(tmp_path):
     imp = pq.read_table(tmp_path / "train" / "impressions.parquet")
     assert imp.num_rows == 500 and info["splits"]["train"]["n_users"] == 1
     assert set(col(imp, "205")) == {0}
+
+
+# ---------------------------------------------------------------------------------------------
+# The selection knobs, each moving its own quantity
+
+
+def _fingerprint(imp: pa.Table) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for c in ("205", "301", "508", "click", "conversion", "conversion_if_clicked"):
+        h.update(col(imp, c).astype(np.int64).tobytes())
+    for c in ("p_click", "p_conversion"):
+        h.update(np.round(col(imp, c), 10).tobytes())
+    return h.hexdigest()[:16]
+
+
+@pytest.mark.parametrize("preset,digest", [("aliccp", "7fbe8ef18147d4ab"),
+                                           ("dense", "053f774ee0f23b13")])
+def test_presets_reproduce_the_data_from_before_the_selection_knobs(preset, digest):
+    """Digests taken from the simulator before selection_correlation existed: its default
+    (1.0) leaves every draw, probability and label as it was."""
+    imp = one_split(small(preset), 20_000, seed=5).impressions
+    assert _fingerprint(imp) == digest
+
+
+@pytest.mark.parametrize("k", [1, 2, 8])
+def test_orthogonal_score_is_uncorrelated_with_r_and_of_its_variance(k):
+    cfg = small("dense", latent_dim=k)
+    rng = np.random.default_rng(k)
+    uf = rng.standard_normal((400_000, 2 * k + 2)).astype(np.float32)
+    itf = rng.standard_normal((400_000, 2 * k + 2)).astype(np.float32)
+    r = sim._relevant_score(cfg, uf, itf)
+    r_orth = sim._orthogonal_score(cfg, uf, itf)
+    assert abs(np.corrcoef(r, r_orth)[0, 1]) < 0.01
+    assert r_orth.var() == pytest.approx(r.var(), rel=0.03)
+
+
+def _effects(**knobs) -> dict[str, float]:
+    return sim.selection_effects(small("dense", clickbait_fraction=0.0, **knobs), 100_000, 3)
+
+
+def test_selection_moves_the_covariate_shift_and_nothing_else():
+    """At selection_correlation 0, selection shifts the clicked sample in the factors
+    conversion reads without correlating click and conversion propensity."""
+    none, some, much = (_effects(selection=s, selection_correlation=0.0) for s in (0, 0.5, 1))
+    assert none["covariate_shift"] < 0.1
+    assert 0.3 < some["covariate_shift"] < much["covariate_shift"]
+    assert much["covariate_shift"] > 0.6
+    # A small world's users and items correlate a little by chance (about 0.05 here): the
+    # knob must not add to that, where selection_correlation = 1 would add about 0.5.
+    for e in (some, much):
+        assert abs(e["spearman_observed"] - none["spearman_observed"]) < 0.05
+        assert abs(e["clicked_p_conversion_ratio"] - none["clicked_p_conversion_ratio"]) < 0.15
+    assert all(e["confounding"] == 1.0 for e in (none, some, much))
+
+
+def test_selection_correlation_moves_the_correlation_and_nothing_else():
+    runs = {rho: _effects(selection=0.8, selection_correlation=rho) for rho in (-1, 0, 0.5, 1)}
+    corr = [runs[rho]["spearman_observed"] for rho in (-1, 0, 0.5, 1)]
+    unselected = _effects(selection=0.0)["spearman_observed"]
+    assert corr == sorted(corr) and corr[0] < -0.4 and corr[3] > 0.4
+    assert abs(corr[1] - unselected) < 0.05
+    lift = [runs[rho]["clicked_p_conversion_ratio"] for rho in (-1, 0, 0.5, 1)]
+    assert lift == sorted(lift) and lift[0] < 0.8 and lift[3] > 1.5
+    shifts = [e["covariate_shift"] for e in runs.values()]
+    assert max(shifts) < 1.2 * min(shifts)
+    assert all(e["confounding"] == 1.0 for e in runs.values())
+    # Calibration follows the knob: the rates stay on target at every correlation.
+    for e in runs.values():
+        assert e["ctr"] == pytest.approx(0.04, rel=0.1)
+        assert e["conversions_per_click"] == pytest.approx(0.10, rel=0.1)
+    # Click propensity alone ranks conversions better the more it is aligned with them.
+    auc_click = [runs[rho]["auc_p_click_entire_space"] for rho in (-1, 0, 0.5, 1)]
+    assert auc_click == sorted(auc_click)
+
+
+def test_hidden_confounder_moves_confounding_and_nothing_the_features_show():
+    base, hidden = _effects(), _effects(hidden_confounder=1.0)
+    assert base["confounding"] == 1.0
+    assert hidden["confounding"] > 1.5
+    # The propensities the features carry are untouched (z enters neither), only the truth.
+    assert hidden["spearman_observed"] == pytest.approx(base["spearman_observed"], abs=1e-12)
+    assert hidden["spearman_p_click_p_conversion"] > base["spearman_p_click_p_conversion"] + 0.1
+    assert hidden["covariate_shift"] == pytest.approx(base["covariate_shift"], rel=0.1)
+
+
+def test_confounding_counts_converting_clicks_beyond_the_features():
+    """The confounding ratio is the observed excess of conversions among clicks over what the
+    features predict: measured from drawn labels, it agrees."""
+    cfg = small("dense", clickbait_fraction=0.0, hidden_confounder=1.0)
+    world = sim._build_world(cfg, 3)
+    parts = [sim._draw_impressions(world, u, c, rng)
+             for u, c, rng in sim._plan_chunks(world, "test", 100_000, 3)]
+    click = np.concatenate([p.click for p in parts])
+    conv = np.concatenate([p.conv_if_clicked for p in parts])
+    s_obs = np.concatenate([p.s_v - cfg.hidden_confounder * p.z for p in parts])
+    p_obs = sim._observed_conversion(s_obs, cfg.hidden_confounder, world.off_v)
+    # Averaged over all rows, the features-only probability is calibrated ...
+    assert conv.mean() == pytest.approx(p_obs.mean(), rel=0.05)
+    # ... but clicked rows convert far more than it says.
+    measured = conv[click].mean() / p_obs[click].mean()
+    assert measured == pytest.approx(sim.selection_effects(cfg, 100_000, 3)["confounding"],
+                                     rel=0.12)
+
+
+def test_selection_correlation_validated_and_passed_as_text():
+    assert get_preset("dense", selection_correlation="-0.5").selection_correlation == -0.5
+    with pytest.raises(UsageError, match=r"'selection_correlation'.*1.5.*\[-1, 1\]"):
+        get_preset("dense", selection_correlation=1.5)
+
+
+def test_selection_effects_errors():
+    with pytest.raises(UsageError, match="rows"):
+        sim.selection_effects(small("dense"), 0, 1)
+    with pytest.raises(UsageError, match="seed"):
+        sim.selection_effects(small("dense"), 100, -2)

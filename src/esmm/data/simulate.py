@@ -30,6 +30,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from esmm.errors import UsageError
+from esmm.fsio import atomic_path, write_text
+from esmm.metrics import auc, spearman
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,7 @@ __all__ = [
     "SimConfig",
     "Split",
     "get_preset",
+    "selection_effects",
     "simulate",
     "write_simulation",
 ]
@@ -104,8 +107,14 @@ class SimConfig:
     Rates and the click / conversion mechanism:
         ctr: target mean click rate over all impressions; default 0.04.
         cvr: target conversions per click; default 0.005.
-        selection: weight of the conversion-relevant score inside the click score (0: clicks
-            carry no conversion signal; 1: strong selection on conversion); default 0.5.
+        selection: strength of observed selection: weight, in the click score, of a score over
+            the same user and item factors as the conversion-relevant score r (0: clicks do not
+            select on conversion-relevant features; 1: strong selection); default 0.5.
+        selection_correlation: correlation between that selection term and r, in [-1, 1]: the
+            term is rho * r + sqrt(1 - rho^2) * r_orth, r_orth uncorrelated with r and of r's
+            variance. 1: users click where they would buy (earlier releases' data); 0: the
+            clicked sample is shifted without selecting on conversion propensity; -1: against
+            it; default 1.0.
         clickbait_fraction: share of items that are click-bait; default 0.1.
         clickbait_boost: click-logit added on click-bait items; default 1.0.
         clickbait_penalty: conversion-logit subtracted on click-bait items; default 2.0.
@@ -149,6 +158,7 @@ class SimConfig:
     ctr: float = 0.04
     cvr: float = 0.005
     selection: float = 0.5
+    selection_correlation: float = 1.0
     clickbait_fraction: float = 0.1
     clickbait_boost: float = 1.0
     clickbait_penalty: float = 2.0
@@ -210,6 +220,7 @@ _FLOAT_RANGE: dict[str, tuple[float, float | None, bool, bool]] = {
     "ctr": (0.0, 1.0, True, True),
     "cvr": (0.0, 1.0, True, True),
     "selection": (0.0, None, False, False),
+    "selection_correlation": (-1.0, 1.0, False, False),
     "clickbait_fraction": (0.0, 1.0, False, False),
     "clickbait_boost": (0.0, None, False, False),
     "clickbait_penalty": (0.0, None, False, False),
@@ -445,14 +456,18 @@ class _World:
         k = cfg.latent_dim
         itf = np.take(self.item_factors, items, axis=0)
         w = cfg.interaction_scale / math.sqrt(k)
-        inter_t = np.einsum("ij,ij->i", uf[:, :k], itf[:, :k])
         inter_a = np.einsum("ij,ij->i", uf[:, k:2 * k], itf[:, k:2 * k])
-        relevant = (cfg.bias_scale * (uf[:, 2 * k].astype(np.float64) + itf[:, 2 * k])
-                    + w * inter_t.astype(np.float64))
+        relevant = _relevant_score(cfg, uf, itf)
         own = (cfg.bias_scale * (uf[:, 2 * k + 1].astype(np.float64) + itf[:, 2 * k + 1])
                + w * inter_a.astype(np.float64) + np.take(self.ctx_effect, ctx))
         bait = np.take(self.item_bait, items)
-        s_c = own + cfg.selection * relevant
+        rho = cfg.selection_correlation
+        if rho == 1.0:
+            s_c = own + cfg.selection * relevant
+        else:
+            # Same factors, same variance, a direction turned away from r by arccos(rho).
+            orth = _orthogonal_score(cfg, uf, itf)
+            s_c = own + cfg.selection * (rho * relevant + math.sqrt(1.0 - rho * rho) * orth)
         s_v = relevant
         if cfg.clickbait_boost:
             s_c += cfg.clickbait_boost * bait
@@ -462,6 +477,38 @@ class _World:
             s_c += cfg.hidden_confounder * z
             s_v += cfg.hidden_confounder * z
         return s_c, s_v
+
+
+def _relevant_score(cfg: SimConfig, uf: np.ndarray, itf: np.ndarray) -> np.ndarray:
+    """r per impression, (N,) float64: s_b (b_u + q_i) + w t_u . t_i, the conversion-relevant
+    score. ``uf``, ``itf``: user and item factor rows of the impressions, (N, 2k + 2)."""
+    k = cfg.latent_dim
+    w = cfg.interaction_scale / math.sqrt(k)
+    inter_t = np.einsum("ij,ij->i", uf[:, :k], itf[:, :k])
+    return (cfg.bias_scale * (uf[:, 2 * k].astype(np.float64) + itf[:, 2 * k])
+            + w * inter_t.astype(np.float64))
+
+
+def _orthogonal_score(cfg: SimConfig, uf: np.ndarray, itf: np.ndarray) -> np.ndarray:
+    """r_orth per impression, (N,) float64: a score over the factors r reads, uncorrelated
+    with r over independent users and items and of the same variance.
+
+    r = s_b (b_u + q_i) + w t_u . t_i; r_orth = s_b (b_u - q_i) + w t_u . P t_i, where P
+    shifts the k taste coordinates cyclically (trace 0, so E[(t_u . t_i)(t_u . P t_i)] = 0).
+    With k = 1 the interaction is (t_u^2 - 1) t_i / sqrt(2) (also uncorrelated, variance 1).
+
+    ``uf``, ``itf``: user and item factor rows of the impressions, (N, 2k + 2).
+    """
+    k = cfg.latent_dim
+    w = cfg.interaction_scale / math.sqrt(k)
+    t_u = uf[:, :k].astype(np.float64)
+    t_i = itf[:, :k].astype(np.float64)
+    if k == 1:
+        inter = (t_u[:, 0] ** 2 - 1.0) * t_i[:, 0] / math.sqrt(2.0)
+    else:
+        inter = np.einsum("ij,ij->i", t_u, np.roll(t_i, 1, axis=1))
+    return (cfg.bias_scale * (uf[:, 2 * k].astype(np.float64) - itf[:, 2 * k])
+            + w * inter)
 
 
 def _seq(seed: int, *key: int) -> np.random.SeedSequence:
@@ -670,8 +717,25 @@ def _cross(world: _World, field: str, user: np.ndarray, counts: np.ndarray, item
     return out
 
 
-def _generate_chunk(world: _World, users: np.ndarray, counts: np.ndarray, first_id: int,
-                    rng: np.random.Generator) -> Split:
+@dataclass
+class _Draws:
+    """The impressions of one chunk before any feature beyond the item: each array (N,)."""
+
+    user: np.ndarray  # user index per impression
+    items: np.ndarray
+    ctx: np.ndarray
+    z: np.ndarray  # the hidden confounder's draw
+    s_c: np.ndarray  # click and conversion logits before the offsets
+    s_v: np.ndarray
+    p_click: np.ndarray
+    p_conv: np.ndarray
+    click: np.ndarray  # bool
+    conv_if_clicked: np.ndarray  # bool
+
+
+def _draw_impressions(world: _World, users: np.ndarray, counts: np.ndarray,
+                      rng: np.random.Generator) -> _Draws:
+    """Items, contexts, probabilities and labels of a chunk: the first draws of its ``rng``."""
     cfg = world.cfg
     n = int(counts.sum())
     user = np.repeat(users, counts)
@@ -685,6 +749,15 @@ def _generate_chunk(world: _World, users: np.ndarray, counts: np.ndarray, first_
     p_conv = _sigmoid(s_v + world.off_v)
     click = rng.random(n) < p_click
     conv_if_clicked = rng.random(n) < p_conv
+    return _Draws(user=user, items=items, ctx=ctx, z=z, s_c=s_c, s_v=s_v, p_click=p_click,
+                  p_conv=p_conv, click=click, conv_if_clicked=conv_if_clicked)
+
+
+def _generate_chunk(world: _World, users: np.ndarray, counts: np.ndarray, first_id: int,
+                    rng: np.random.Generator) -> Split:
+    d = _draw_impressions(world, users, counts, rng)
+    n, user, items, ctx = len(d.user), d.user, d.items, d.ctx
+    click, conv_if_clicked, p_click, p_conv = d.click, d.conv_if_clicked, d.p_click, d.p_conv
     pools, bags = _user_bags(world, users, rng)
 
     cols: dict[str, pa.Array] = {
@@ -732,14 +805,20 @@ def _check_seed(seed: int) -> None:
         raise UsageError(f"simulator seed: got {seed!r}, expected an integer >= 0")
 
 
-def _iter_split(world: _World, name: str, n: int, seed: int) -> Iterator[Split]:
-    """The chunks of one split, in order. Draws depend only on (seed, split name, n)."""
+def _plan_chunks(world: _World, name: str, n: int, seed: int
+                 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.random.Generator]]:
+    """(users, impression counts, generator) of each chunk of a split, in order."""
     key = _split_key(name)
     users, counts = _plan_split(world, n, np.random.default_rng(_seq(seed, 1, key, 0)))
-    first = 1
     for i, (a, b) in enumerate(_chunks(counts)):
-        rng = np.random.default_rng(_seq(seed, 1, key, i + 1))
-        chunk = _generate_chunk(world, users[a:b], counts[a:b], first, rng)
+        yield users[a:b], counts[a:b], np.random.default_rng(_seq(seed, 1, key, i + 1))
+
+
+def _iter_split(world: _World, name: str, n: int, seed: int) -> Iterator[Split]:
+    """The chunks of one split, in order. Draws depend only on (seed, split name, n)."""
+    first = 1
+    for users, counts, rng in _plan_chunks(world, name, n, seed):
+        chunk = _generate_chunk(world, users, counts, first, rng)
         first += chunk.impressions.num_rows
         yield chunk
 
@@ -768,6 +847,84 @@ def simulate(cfg: SimConfig, rows: dict[str, int], seed: int) -> dict[str, Split
         log.debug("split %s: %d impressions in %.2f s (%.0f rows/s)", name, n, dt,
                   n / max(dt, 1e-9))
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# What the selection knobs do, measured
+
+# Gauss-Hermite (probabilists') nodes: E over the confounder z ~ N(0, 1) of a smooth function.
+_GH_NODES = 40
+
+
+def _observed_conversion(s_v_observed: np.ndarray, h: float, offset: float) -> np.ndarray:
+    """E_z[sigmoid(s + h z + offset)] per row, (N,): the conversion probability given what the
+    features reveal, with the hidden confounder z ~ N(0, 1) averaged out."""
+    if h == 0.0:
+        return _sigmoid(s_v_observed + offset)
+    nodes, weights = np.polynomial.hermite_e.hermegauss(_GH_NODES)
+    weights = weights / weights.sum()
+    out = np.zeros(len(s_v_observed))
+    for x, wt in zip(nodes, weights, strict=True):
+        out += wt * _sigmoid(s_v_observed + (h * x + offset))
+    return out
+
+
+def selection_effects(cfg: SimConfig, rows: int = 200_000, seed: int = 0,
+                      split: str = "test") -> dict[str, float]:
+    """Measure, on the ``rows`` impressions of one split, what the selection knobs act on.
+
+    Click-weighted means weigh each impression by its ``p_click`` (the expectation over the
+    click draw, less noisy than the drawn clicks). Keys:
+
+    * ``ctr``, ``conversions_per_click``: the calibrated rates (expected).
+    * ``spearman_p_click_p_conversion``: Spearman(p_click, p_conversion) over all rows.
+    * ``spearman_observed``: the same for the logits without the hidden confounder's term:
+      the click / conversion propensity correlation a model of the features can see
+      (``selection_correlation``, ``clickbait_*``).
+    * ``clicked_p_conversion_ratio``: click-weighted mean p_conversion over the mean: how much
+      more the clicked sample would convert than the average impression.
+    * ``covariate_shift``: the click-weighted mean of (r, r_orth) minus the mean over all rows,
+      as a length in units of r's standard deviation: how far clicks move the sample in the
+      factors conversion reads, in any direction (``selection``).
+    * ``confounding``: click-weighted mean p_conversion over the click-weighted mean of the
+      conversion probability given the features only (z averaged out); 1 when selection is
+      ignorable given the features, above 1 when clicked rows convert more than their
+      features say (``hidden_confounder``).
+    * ``auc_clicked``, ``auc_entire_space``: AUC of p_conversion for conversion_if_clicked on
+      the drawn clicks and on all rows; ``auc_p_click_entire_space``: the AUC of p_click there
+      (what click propensity alone earns on entire-space CVR ranking).
+    """
+    _check_seed(seed)
+    _check_rows({split: rows})
+    world = _build_world(cfg, int(seed))
+    parts = [_draw_impressions(world, u, c, rng)
+             for u, c, rng in _plan_chunks(world, split, int(rows), int(seed))]
+    d = _Draws(**{f.name: np.concatenate([getattr(p, f.name) for p in parts])
+                  for f in dataclasses.fields(_Draws)})
+    uf = np.take(world.user_factors, d.user, axis=0)
+    itf = np.take(world.item_factors, d.items, axis=0)
+    r = _relevant_score(cfg, uf, itf)
+    r_orth = _orthogonal_score(cfg, uf, itf)
+    # The logits with z = 0: exactly what the features determine.
+    s_c_obs, s_v_obs = world.scores(uf, d.items, d.ctx, np.zeros(len(d.z)))
+    del uf, itf
+    w = d.p_click / d.p_click.sum()
+    cvr = float(w @ d.p_conv)
+    shift = np.hypot(float(w @ r) - r.mean(), float(w @ r_orth) - r_orth.mean()) / r.std()
+    p_obs = _observed_conversion(s_v_obs, cfg.hidden_confounder, world.off_v)
+    clicked = d.click
+    return {
+        "ctr": float(d.p_click.mean()),
+        "conversions_per_click": cvr,
+        "spearman_p_click_p_conversion": spearman(d.p_click, d.p_conv),
+        "spearman_observed": spearman(s_c_obs, s_v_obs),
+        "clicked_p_conversion_ratio": cvr / float(d.p_conv.mean()),
+        "covariate_shift": float(shift),
+        "confounding": cvr / float(w @ p_obs),
+        "auc_clicked": auc(d.conv_if_clicked[clicked], d.p_conv[clicked]),
+        "auc_entire_space": auc(d.conv_if_clicked, d.p_conv),
+        "auc_p_click_entire_space": auc(d.conv_if_clicked, d.p_click),
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -844,6 +1001,34 @@ def _overrides(cfg: SimConfig) -> dict[str, Any]:
     return {f: getattr(cfg, f) for f in _knob_names() if getattr(cfg, f) != getattr(base, f)}
 
 
+def _write_split(world: _World, d: Path, name: str, n: int, seed: int, bar: Any
+                 ) -> dict[str, Any]:
+    """Write one split's two Parquet files chunk by chunk (each renamed into place only once
+    complete); return its measured rates."""
+    d.mkdir(parents=True, exist_ok=True)
+    stats = _Stats(world.cfg.n_items)
+    with atomic_path(d / "impressions.parquet") as imp_tmp, \
+            atomic_path(d / "users.parquet") as users_tmp:
+        imp_writer = users_writer = None
+        try:
+            for part in _iter_split(world, name, n, seed):
+                if imp_writer is None:
+                    imp_writer = pq.ParquetWriter(imp_tmp, part.impressions.schema)
+                    users_writer = pq.ParquetWriter(users_tmp, part.users.schema)
+                # Row groups well under data.shuffle_buffer, so a streamed epoch mixes them.
+                imp_writer.write_table(part.impressions, row_group_size=_ROW_GROUP_ROWS)
+                users_writer.write_table(part.users)
+                stats.add(part, world)
+                if bar is not None:
+                    bar.update(part.impressions.num_rows)
+        finally:
+            if imp_writer is not None:
+                imp_writer.close()
+            if users_writer is not None:
+                users_writer.close()
+    return stats.as_dict()
+
+
 def write_simulation(out_dir: str | Path, cfg: SimConfig, rows: dict[str, int], seed: int,
                      progress: bool = False) -> dict[str, Any]:
     """Simulate and write ``out_dir/<split>/impressions.parquet`` and ``users.parquet`` per
@@ -867,28 +1052,7 @@ def write_simulation(out_dir: str | Path, cfg: SimConfig, rows: dict[str, int], 
     try:
         for name, n in rows.items():
             t_split = time.perf_counter()
-            d = out / name
-            d.mkdir(parents=True, exist_ok=True)
-            stats = _Stats(cfg.n_items)
-            imp_writer = users_writer = None
-            try:
-                for part in _iter_split(world, name, int(n), int(seed)):
-                    if imp_writer is None:
-                        imp_writer = pq.ParquetWriter(d / "impressions.parquet",
-                                                      part.impressions.schema)
-                        users_writer = pq.ParquetWriter(d / "users.parquet", part.users.schema)
-                    # Row groups well under data.shuffle_buffer, so a streamed epoch mixes them.
-                    imp_writer.write_table(part.impressions, row_group_size=_ROW_GROUP_ROWS)
-                    users_writer.write_table(part.users)
-                    stats.add(part, world)
-                    if bar is not None:
-                        bar.update(part.impressions.num_rows)
-            finally:
-                if imp_writer is not None:
-                    imp_writer.close()
-                if users_writer is not None:
-                    users_writer.close()
-            splits[name] = stats.as_dict()
+            splits[name] = _write_split(world, out / name, name, int(n), int(seed), bar)
             dt = time.perf_counter() - t_split
             log.info("simulated %s: %d impressions, ctr %.4f, conversions/click %.4f "
                      "(%.1f s, %.0f rows/s)", name, n, splits[name]["ctr"],
@@ -906,6 +1070,6 @@ def write_simulation(out_dir: str | Path, cfg: SimConfig, rows: dict[str, int], 
         "offsets": {"click": world.off_c, "conversion": world.off_v},
         "splits": splits,
     }
-    (out / "simulation.json").write_text(json.dumps(info, indent=2) + "\n")
+    write_text(out / "simulation.json", json.dumps(info, indent=2) + "\n")
     log.info("simulation written to %s in %.1f s", out, time.perf_counter() - t0)
     return info
