@@ -217,6 +217,8 @@ class OptimizerConfig(_Strict):
     @classmethod
     def _list_to_tuple(cls, v: Any) -> Any:
         # YAML (and a config stored as JSON) gives a list.
+        if isinstance(v, list | tuple) and len(v) != 2:
+            raise ValueError(f"expected two numbers [beta1, beta2], each in [0, 1), got {len(v)}")
         return tuple(v) if isinstance(v, list) else v
 
 
@@ -497,6 +499,11 @@ _MAX_ERRORS = 5
 _MAX_VALUE_CHARS = 60
 
 
+def _printable(text: str) -> str:
+    # A message stays one line whatever a file name or --set value holds.
+    return text if text.isprintable() else repr(text)
+
+
 def _short_repr(value: Any) -> str:
     text = repr(value)
     if len(text) > _MAX_VALUE_CHARS:
@@ -597,7 +604,7 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
     source = "defaults"
     if path is not None:
         p = Path(path)
-        source = str(p)
+        source = _printable(str(p))
         if not p.is_file():
             what = "is a folder, not a file" if p.is_dir() else "does not exist"
             raise ConfigError(f"config file {p} {what}")
@@ -610,7 +617,7 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
         tree = loaded
     if overrides:
         tree = apply_overrides(tree, overrides)
-        source += " with --set " + " ".join(overrides)
+        source += " with --set " + " ".join(_printable(o) for o in overrides)
     return config_from_dict(tree, source)
 
 
@@ -669,6 +676,13 @@ def check_data_paths(cfg: Config, keys: Iterable[str]) -> None:
     """Refuse, before any work, a data path (``data.train``, ...) that does not exist."""
     for key in keys:
         value = getattr(cfg.data, key)
-        if value is not None and not Path(value).exists():
-            raise ConfigError(f"data.{key}: {value} does not exist (no such file or folder); "
-                              f"expected a path to the {key} split")
+        if value is None:
+            continue
+        try:
+            found = Path(value).exists()
+        except (OSError, ValueError) as e:  # a NUL byte, a name too long for the file system
+            raise ConfigError(f"data.{key}: {value!r} is not a usable path ({e}); expected a "
+                              f"path to the {key} split") from None
+        if not found:
+            raise ConfigError(f"data.{key}: {_printable(value)} does not exist (no such file or "
+                              f"folder); expected a path to the {key} split")
