@@ -191,6 +191,26 @@ def test_missing_data_paths_exit_2_naming_key_and_path(small_yaml, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_evaluate_names_a_missing_split_of_the_run_config(flat_data, tmp_path):
+    gone = tmp_path / "test_split_moved_away.parquet"
+    tree = small_config(flat_data["train"], None, max_steps=2)
+    tree["data"]["test"] = str(gone)
+    cfg = _write(tmp_path / "cfg.yaml", yaml.safe_dump(tree))
+    res = runner.invoke(app, ["train", str(cfg), "--out", str(tmp_path / "run")])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["evaluate", str(tmp_path / "run")])
+    assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+    assert f"data.test: {gone} does not exist" in res.output
+
+
+def test_simulator_set_values_get_one_line(tmp_path):
+    res = runner.invoke(app, ["simulate", "--out", str(tmp_path / "sim"), "--rows", "100",
+                              "--set", "cvr=[0.1"])
+    assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+    assert res.output.strip().count("\n") == 0 and "--set 'cvr=[0.1'" in res.output
+    assert not (tmp_path / "sim").exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # A valid range for every field
 
