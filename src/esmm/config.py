@@ -75,6 +75,11 @@ class LabelsConfig(_Strict):
     click: NonEmptyStr = "click"
     conversion: NonEmptyStr = "conversion"
 
+    @field_validator("click", "conversion", mode="before")
+    @classmethod
+    def _names_to_str(cls, v: Any) -> Any:
+        return _int_to_str(v)
+
     @model_validator(mode="after")
     def _distinct(self) -> LabelsConfig:
         if self.click == self.conversion:
