@@ -163,3 +163,15 @@ def test_dump_config_round_trips(tmp_path):
     dump_config(cfg, tmp_path / "config.yaml")
     assert load_config(tmp_path / "config.yaml") == cfg
     assert [p.name for p in tmp_path.iterdir()] == ["config.yaml"]  # no temporary left behind
+
+
+def test_a_run_config_with_an_outdated_monitor_still_loads():
+    # Early-stopping rules bind training, not reading: a run trained before them is evaluated,
+    # exported and served as before, and training with the same settings is refused.
+    from esmm.config import resolve_monitor
+
+    old = {"features": [{"name": "205", "buckets": 10}],
+           "train": {"early_stop": {"metric": "n_impressions", "mode": "max"}}}
+    cfg = config_from_dict(old)
+    with pytest.raises(ConfigError, match=r"^train\.early_stop\.metric: 'n_impressions'"):
+        resolve_monitor(cfg)

@@ -27,7 +27,6 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
-    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -318,25 +317,14 @@ class EarlyStopConfig(_Strict):
     mode: Literal["auto", "max", "min"] = "auto"
     patience: int | None = Field(default=3, ge=1)
 
-    @field_validator("metric")
-    @classmethod
-    def _known_metric(cls, v: str) -> str:
-        if v != "auto":
-            monitor_direction(v)
-        return v
+    # The metric's name and the mode's agreement with it are checked by resolve_monitor when
+    # training starts, against the model's metrics; not here, so that a run trained under
+    # older rules still loads for evaluate, predict and export.
 
     @field_validator("mode", mode="before")
     @classmethod
     def _null_is_auto(cls, v: Any) -> Any:
         return "auto" if v is None else v
-
-    @field_validator("mode")
-    @classmethod
-    def _mode_follows_metric(cls, v: str, info: ValidationInfo) -> str:
-        metric = info.data.get("metric")
-        if v != "auto" and metric not in (None, "auto"):
-            check_mode(v, metric, monitor_direction(metric))
-        return v
 
 
 def check_mode(mode: str, monitor: str, direction: str) -> None:
