@@ -371,7 +371,7 @@ def _check_outcome(fn) -> None:
     assert Config.model_validate(cfg.to_dict()) == cfg
 
 
-FUZZ = settings(max_examples=300, deadline=None, database=None, derandomize=True,
+FUZZ = settings(max_examples=200, deadline=None, database=None, derandomize=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture,
                                        HealthCheck.too_slow])
 
