@@ -155,11 +155,18 @@ def test_save_atomic_keeps_old_file_when_write_fails(tmp_path, monkeypatch):
     assert load_checkpoint(path) == {"a": 1}
 
 
-def test_early_stopping_stops_after_patience_and_keeps_best(flat_data, cfg_factory, tmp_path):
-    # A constant metric never improves after the first evaluation: the run must stop after
-    # exactly `patience` further evaluations and keep the first checkpoint as best.
+def test_early_stopping_stops_after_patience_and_keeps_best(flat_data, cfg_factory, tmp_path,
+                                                           monkeypatch):
+    # A metric that never improves after the first evaluation (the real evaluation with its
+    # ctr_auc pinned): the run must stop after exactly `patience` further evaluations and keep
+    # the first checkpoint as best.
+    import esmm.train as train_module
+
+    real = train_module.evaluate
+    monkeypatch.setattr(train_module, "evaluate",
+                        lambda *a, **k: {**real(*a, **k), "ctr_auc": 0.5})
     cfg = cfg_factory(flat_data["train"], flat_data["valid"], eval_every=5, epochs=5,
-                      early_stop={"metric": "n_impressions", "mode": "max", "patience": 3})
+                      early_stop={"metric": "ctr_auc", "mode": "max", "patience": 3})
     res = train(cfg, tmp_path / "run")
     assert res.stopped_early and res.best_step == 5 and res.step == 20
     assert [int(r["step"]) for r in _history(tmp_path / "run")] == [5, 10, 15, 20]

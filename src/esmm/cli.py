@@ -99,14 +99,14 @@ def simulate(
 
 
 def _parse_knobs(items: list[str]) -> dict:
-    import yaml
+    from esmm.config import parse_yaml
 
     knobs = {}
     for it in items:
         if "=" not in it:
             raise UsageError(f"--set {it!r}: expected knob=value")
         k, v = it.split("=", 1)
-        knobs[k.strip()] = yaml.safe_load(v)
+        knobs[k.strip()] = parse_yaml(v, f"--set {it!r}")
     return knobs
 
 
@@ -148,6 +148,7 @@ def evaluate(
                                "split whole; 'auto': stream Parquet, read CSV whole."),
 ) -> None:
     """Evaluate a trained model: prints a table of every metric and writes metrics.json."""
+    from esmm.config import check_data_paths
     from esmm.data.stream import open_split
     from esmm.evaluate import evaluate as run_eval
     from esmm.metrics import format_table
@@ -157,6 +158,8 @@ def evaluate(
     path = data or cfg.data.test or cfg.data.eval
     if path is None:
         raise UsageError("no data to evaluate: pass --data PATH")
+    if data is None:  # a split named by the run's config: a missing one is a config error
+        check_data_paths(cfg, ["test" if cfg.data.test else "eval"])
     if loader not in ("auto", "stream", "memory"):
         raise UsageError(f"--loader {loader!r}: expected auto, stream or memory")
     split = open_split(path, spec, cfg.data, loader=loader)

@@ -1,22 +1,38 @@
 """Typed configuration: one YAML file drives train, evaluate and predict.
 
 The YAML is validated by pydantic models that reject unknown keys, so a typo such as
-``train.optimiser`` fails with its path instead of being ignored. Any key can be overridden
-from the command line with ``--set path.to.key=value`` (values are parsed as YAML scalars, so
-``--set train.optimizer.lr=0.01`` gives a float and ``--set model.tower=[64,32]`` a list).
+``train.optimiser`` fails with its path instead of being ignored. Values are strict: a boolean
+is not a number (``batch_size: true`` is refused, not read as 1), a number is not a string, and
+floats are finite. Every field has a valid range, and an error names the full key path
+(``train.optimizer.eps``), the value given and what was expected, on one line.
+
+Any key can be overridden from the command line with ``--set path.to.key=value`` (values are
+parsed as YAML scalars, so ``--set train.optimizer.lr=0.01`` gives a float and
+``--set model.tower=[64,32]`` a list). The YAML reader refuses duplicate keys and reads
+``1e-3`` as a float (as YAML 1.2 does; PyYAML's YAML 1.1 would read it as a string).
 """
 
 from __future__ import annotations
 
 import copy
+import difflib
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from esmm.errors import ConfigError
+from esmm.fsio import write_text
 
 ALICCP_USER_FIELDS = ("101", "121", "122", "124", "125", "126", "127", "128", "129")
 ALICCP_USER_BAGS = ("109_14", "110_14", "127_14", "150_14")
@@ -36,14 +52,39 @@ _ALICCP_BUCKETS = {
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Strict: YAML `true` is not the integer 1 and `101` is not the string "101" unless a field
+    # says so; NaN and infinities are no valid setting of any float.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True,
+                              allow_inf_nan=False)
+
+
+NonEmptyStr = Annotated[str, Field(min_length=1)]
+# Adam's moment decay rates: torch needs 0 <= beta < 1.
+Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
+
+
+def _int_to_str(v: Any) -> Any:
+    # Ali-CCP field ids look like integers; YAML would read `101` as an int.
+    return str(v) if isinstance(v, int) and not isinstance(v, bool) else v
 
 
 class LabelsConfig(_Strict):
     """Names of the label columns in the data."""
 
-    click: str = "click"
-    conversion: str = "conversion"
+    click: NonEmptyStr = "click"
+    conversion: NonEmptyStr = "conversion"
+
+    @field_validator("click", "conversion", mode="before")
+    @classmethod
+    def _names_to_str(cls, v: Any) -> Any:
+        return _int_to_str(v)
+
+    @model_validator(mode="after")
+    def _distinct(self) -> LabelsConfig:
+        if self.click == self.conversion:
+            raise ValueError(f"click and conversion name the same column {self.click!r}; "
+                             "expected two different label columns")
+        return self
 
 
 class DataConfig(_Strict):
@@ -58,27 +99,52 @@ class DataConfig(_Strict):
     whole). ``read_ahead`` batches are prepared in a background thread while the model trains.
     """
 
-    train: str | None = None
-    eval: str | None = None
-    test: str | None = None
+    train: NonEmptyStr | None = None
+    eval: NonEmptyStr | None = None
+    test: NonEmptyStr | None = None
     format: Literal["auto", "parquet", "csv", "rechub-csv", "aitm-csv", "paddle-esmm-txt"] = "auto"
     labels: LabelsConfig = Field(default_factory=LabelsConfig)
-    user_column: str | None = "101"
-    user_key: str = "common_key"
-    weight_column: str | None = None
+    user_column: NonEmptyStr | None = "101"
+    user_key: NonEmptyStr = "common_key"
+    weight_column: NonEmptyStr | None = None
     conversion_without_click: Literal["drop", "error", "keep"] = "drop"
     csv_header: bool = True
-    csv_columns: list[str] | None = None
+    csv_columns: list[NonEmptyStr] | None = Field(default=None, min_length=1)
     loader: Literal["memory", "stream", "auto"] = "memory"
     chunk_rows: int = Field(default=65_536, gt=0)
     shuffle_buffer: int = Field(default=262_144, gt=0)
-    read_ahead: int = Field(default=2, ge=0)
+    # Each batch read ahead is held in memory; past a few there is nothing left to overlap.
+    read_ahead: int = Field(default=2, ge=0, le=64)
 
     @field_validator("user_column", "user_key", "weight_column", mode="before")
     @classmethod
-    def _int_to_str(cls, v: Any) -> Any:
-        # Ali-CCP field ids look like integers; YAML would read `101` as an int.
-        return str(v) if isinstance(v, int) and not isinstance(v, bool) else v
+    def _columns_to_str(cls, v: Any) -> Any:
+        return _int_to_str(v)
+
+    @field_validator("csv_columns", mode="before")
+    @classmethod
+    def _int_column_names(cls, v: Any) -> Any:
+        return [_int_to_str(c) for c in v] if isinstance(v, list) else v
+
+    @field_validator("csv_columns")
+    @classmethod
+    def _unique_columns(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None:
+            dup = sorted({c for c in v if v.count(c) > 1})
+            if dup:
+                raise ValueError(f"columns listed more than once: {dup}; expected unique names")
+        return v
+
+    @model_validator(mode="after")
+    def _check_columns(self) -> DataConfig:
+        if self.csv_columns is not None and self.csv_header:
+            raise ValueError("csv_columns names the columns of a CSV without a header row; "
+                             "set csv_header: false with it, or remove csv_columns")
+        if self.weight_column is not None and self.weight_column in (
+                self.labels.click, self.labels.conversion):
+            raise ValueError(f"weight_column {self.weight_column!r} is a label column; "
+                             "expected a separate column of sample weights")
+        return self
 
 
 class FeatureConfig(_Strict):
@@ -139,15 +205,25 @@ class ModelConfig(_Strict):
 
 
 class OptimizerConfig(_Strict):
+    """Optimizer of the dense weights (towers; embeddings too with ``sparse_optimizer: dense``)."""
+
     name: Literal["adam", "adamw", "adagrad", "sgd"] = "adam"
     lr: float = Field(default=1e-3, gt=0)
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
+    betas: tuple[Beta, Beta] = (0.9, 0.999)
+    eps: float = Field(default=1e-8, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
     # adam/adamw only. null: the fused kernel when the embedding tables are dense weights
     # (about 8x faster than the per-tensor loop on a 2M x 16 table on 2 CPU cores) and this
     # torch build has one; the per-tensor loop otherwise. true: always fused; false: never.
     fused: bool | None = None
+
+    @field_validator("betas", mode="before")
+    @classmethod
+    def _list_to_tuple(cls, v: Any) -> Any:
+        # YAML (and a config stored as JSON) gives a list.
+        if isinstance(v, list | tuple) and len(v) != 2:
+            raise ValueError(f"expected two numbers [beta1, beta2], each in [0, 1), got {len(v)}")
+        return tuple(v) if isinstance(v, list) else v
 
 
 class SparseOptimizerConfig(_Strict):
@@ -158,27 +234,119 @@ class SparseOptimizerConfig(_Strict):
     lr: float | None = Field(default=None, gt=0)
 
 
+# The tasks every model reports (esmm.metrics.DEFAULT_SPACES); a model's own are checked by
+# resolve_monitor.
+_TASKS = ("ctr", "cvr", "ctcvr")
+
+# Metric-name suffixes and which way each improves, longest first (`_auc` ends several).
+# None: refused as a monitor, for the reason given.
+_METRIC_KINDS: tuple[tuple[str, str | None, str], ...] = (
+    ("_auc_entire_space_oracle", None, "it scores the true probabilities, so no model "
+     "changes it"),
+    ("_auc_entire_space", "max", "AUC: higher is better"),
+    ("_logloss", "min", "log loss: lower is better"),
+    ("_gauc", "max", "GAUC: higher is better"),
+    ("_auc", "max", "AUC: higher is better"),
+    ("_pcoc", None, "PCOC is best at 1, neither higher nor lower, so it has no direction to "
+     "optimise; monitor an AUC or a log loss and read PCOC in the report"),
+)
+
+
+def metric_kind(name: str) -> tuple[str, str]:
+    """``(task, suffix)`` of a metric name such as ``ctr_logloss`` -> ``("ctr", "_logloss")``.
+
+    Raises:
+        ValueError: not a per-task metric name (``n_clicks`` and other counts included).
+    """
+    for suffix, _, _ in _METRIC_KINDS:
+        if name.endswith(suffix) and len(name) > len(suffix):
+            return name[:-len(suffix)], suffix
+    near = difflib.get_close_matches(name, [f"{t}{s}" for t in _TASKS for s, d, _ in _METRIC_KINDS
+                                            if d is not None], n=1)
+    hint = f"did you mean {near[0]!r}? " if near else ""
+    raise ValueError(f"{name!r} is not a metric to monitor; {hint}expected TASK_auc, TASK_gauc, "
+                     f"TASK_logloss or cvr_auc_entire_space with TASK one of {list(_TASKS)} "
+                     "(e.g. ctr_logloss, cvr_auc), or a sum of them written with +")
+
+
+def monitor_terms(monitor: str) -> list[str]:
+    """The metric names a monitor adds up (``ctr_logloss+ctcvr_logloss`` -> two names)."""
+    terms = [t.strip() for t in monitor.split("+")]
+    if any(not t for t in terms):
+        raise ValueError(f"{monitor!r} has an empty term; expected metric names joined by +")
+    return terms
+
+
+def monitor_direction(monitor: str) -> Literal["max", "min"]:
+    """Which way a monitor improves: ``max`` for AUCs, ``min`` for log losses and their sums.
+
+    Raises:
+        ValueError: an unknown name, a metric with no direction (PCOC, the oracle AUC), or a
+            sum that mixes the two directions.
+    """
+    directions: dict[str, list[str]] = {}
+    for term in monitor_terms(monitor):
+        _, suffix = metric_kind(term)
+        direction, why = next((d, w) for s, d, w in _METRIC_KINDS if s == suffix)
+        if direction is None:
+            raise ValueError(f"{term!r} cannot be monitored: {why}")
+        directions.setdefault(direction, []).append(term)
+    if len(directions) > 1:
+        raise ValueError(f"{monitor!r} adds metrics that improve in opposite directions "
+                         f"(higher is better: {directions['max']}; lower is better: "
+                         f"{directions['min']}), so their sum has no direction; monitor one "
+                         "kind")
+    return "max" if "max" in directions else "min"
+
+
+def _direction_words(direction: str) -> str:
+    return "higher is better" if direction == "max" else "lower is better"
+
+
 class EarlyStopConfig(_Strict):
     """Stop when ``metric`` on the eval split has not improved for ``patience`` evaluations.
 
     ``metric: auto`` uses the model's declared monitor: the validation log loss of the tasks it
     is trained on (e.g. ``ctr_logloss+ctcvr_logloss`` for ESMM), which stays informative when
     an eval split holds only a few dozen conversions and an AUC on them is mostly noise. A sum
-    of metrics is written with ``+``. ``mode: auto`` minimises log losses and maximises the rest.
+    of metrics is written with ``+``. ``mode`` is the metric's own direction unless set
+    (``auto``/null: maximise AUCs, minimise log losses); a mode against it is refused.
     """
 
-    metric: str = "auto"
+    metric: NonEmptyStr = "auto"
     mode: Literal["auto", "max", "min"] = "auto"
     patience: int | None = Field(default=3, ge=1)
 
+    # The metric's name and the mode's agreement with it are checked by resolve_monitor when
+    # training starts, against the model's metrics; not here, so that a run trained under
+    # older rules still loads for evaluate, predict and export.
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _null_is_auto(cls, v: Any) -> Any:
+        return "auto" if v is None else v
+
+
+def check_mode(mode: str, monitor: str, direction: str) -> None:
+    """Refuse an early-stopping ``mode`` that contradicts its monitor's direction."""
+    if mode not in ("auto", direction):
+        raise ValueError(
+            f"{mode!r} contradicts the monitor {monitor!r} ({_direction_words(direction)}): "
+            f"best.pt would keep the worst evaluation; set mode: {direction}, or auto (or "
+            "null) to follow the metric's direction"
+        )
+
 
 class TrainConfig(_Strict):
+    """How to train: batches, epochs, optimizers, evaluation, early stopping, device."""
+
     batch_size: int = Field(default=1024, gt=0)
     epochs: int = Field(default=1, gt=0)
     max_steps: int | None = Field(default=None, gt=0)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     sparse_optimizer: SparseOptimizerConfig = Field(default_factory=SparseOptimizerConfig)
-    seed: int = 7
+    # numpy seeds must be >= 0; torch.manual_seed takes up to 64 bits.
+    seed: int = Field(default=7, ge=0, le=2**63 - 1)
     shuffle_block: int = Field(default=1, ge=1)
     eval_every: int | None = Field(default=None, gt=0)
     eval_batch_size: int = Field(default=8192, gt=0)
@@ -199,6 +367,8 @@ class TrainConfig(_Strict):
 
 
 class Config(_Strict):
+    """The whole configuration: ``data``, ``features``, ``model`` and ``train``."""
+
     data: DataConfig = Field(default_factory=DataConfig)
     features: list[FeatureConfig] = Field(default_factory=list)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -246,17 +416,118 @@ def feature_preset(name: str, buckets_scale: float = 1.0) -> list[dict[str, Any]
     return out
 
 
+# ----------------------------------------------------------------------------- reading YAML
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing duplicate keys and reading ``1e-3`` as a float.
+
+    YAML 1.1 (PyYAML) needs a dot in a float, so ``lr: 1e-3`` would be the string "1e-3",
+    which strict types refuse; YAML 1.2 and most users read it as a number.
+    """
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                # Merge keys (<<) may legitimately repeat keys; only explicit keys are checked.
+                if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(
+                        key_node, yaml.ScalarNode):
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                line = key_node.start_mark.line + 1
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (first given on line {seen[key]}); "
+                        "expected each key once", key_node.start_mark)
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _yaml_error(e: yaml.YAMLError, where: str) -> str:
+    """One line for a YAML error: where, line and column, and the problem."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None)
+    if problem is None:
+        return f"{where}: not valid YAML: {' '.join(str(e).split())}"
+    context = getattr(e, "context", None)
+    at = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    what = f"{context}: {problem}" if context and "duplicate key" not in problem else problem
+    return f"{where}{at}: not valid YAML: {' '.join(what.split())}"
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """Parse YAML text with the strict loader; any problem is a one-line :class:`ConfigError`."""
+    try:
+        return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
+        raise ConfigError(_yaml_error(e, where)) from None
+    except RecursionError:
+        raise ConfigError(f"{where}: not valid YAML: nested too deeply") from None
+
+
+def _read_text(p: Path) -> str:
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"config file {p} cannot be read: {e.strerror or e}") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise ConfigError(f"config file {p} is not UTF-8 text: byte 0x{data[e.start]:02x} at "
+                          f"offset {e.start} (line {line}); save it as UTF-8") from None
+
+
+# ----------------------------------------------------------------------------- errors
+
+_MAX_ERRORS = 5
+_MAX_VALUE_CHARS = 60
+
+
+def _printable(text: str) -> str:
+    # A message stays one line whatever a file name or --set value holds.
+    return text if text.isprintable() else repr(text)
+
+
+def _short_repr(value: Any) -> str:
+    text = repr(value)
+    if len(text) > _MAX_VALUE_CHARS:
+        text = text[:_MAX_VALUE_CHARS - 3] + "..."
+    return text
+
+
+def _error_text(e: Any) -> str:
+    path = ".".join(str(p) for p in e["loc"]) or "(top level)"
+    msg = " ".join(str(e["msg"]).split())
+    if e["type"] == "extra_forbidden":
+        return f"{path}: unknown key (check the spelling; see docs/config.md)"
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    got = e.get("input")
+    if isinstance(got, bool) and e["type"] in ("int_type", "float_type"):
+        msg += " (a boolean is not a number)"
+    got_s = "" if isinstance(got, dict) else f" (got {_short_repr(got)})"
+    return f"{path}: {msg}{got_s}"
+
+
 def _format_validation_error(err: ValidationError, source: str) -> str:
-    lines = [f"invalid configuration in {source}:"]
-    for e in err.errors():
-        path = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = e["msg"]
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; see `esmm train --help` and docs/config.md)"
-        got = e.get("input")
-        got_s = "" if e["type"] == "extra_forbidden" or isinstance(got, dict) else f" (got {got!r})"
-        lines.append(f"  {path}: {msg}{got_s}")
-    return "\n".join(lines)
+    """Every problem on one line, each naming its full key path."""
+    errors = err.errors()
+    parts = [_error_text(e) for e in errors[:_MAX_ERRORS]]
+    more = len(errors) - _MAX_ERRORS
+    tail = f"; and {more} more" if more > 0 else ""
+    return f"invalid configuration in {source}: " + "; ".join(parts) + tail
+
+
+# ----------------------------------------------------------------------------- --set overrides
 
 
 def _set_path(tree: dict[str, Any], path: str, value: Any, source: str) -> None:
@@ -293,19 +564,31 @@ def apply_overrides(tree: dict[str, Any], overrides: Iterable[str]) -> dict[str,
         path = path.strip()
         if not path:
             raise ConfigError(f"--set {item!r}: the key path is empty")
-        try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError as e:
-            raise ConfigError(f"--set {item!r}: value is not valid YAML: {e}") from None
-        _set_path(tree, path, value, f"--set {item}")
+        value = parse_yaml(raw, f"--set {item!r}") if raw != "" else ""
+        if path.startswith("features.") and isinstance(tree.get("features"), str):
+            # A preset's fields are addressed like listed ones (features.0.buckets).
+            try:
+                tree["features"] = feature_preset(tree["features"])
+            except ValueError as e:
+                raise ConfigError(f"--set {item!r}: features: {e}") from None
+        _set_path(tree, path, value, f"--set {item!r}")
     return tree
 
 
+# ----------------------------------------------------------------------------- loading
+
+
 def config_from_dict(tree: dict[str, Any], source: str = "<dict>") -> Config:
+    """Validate a raw config tree; any problem is a one-line :class:`ConfigError`."""
+    if not isinstance(tree, dict):
+        raise ConfigError(f"invalid configuration in {source}: expected a mapping at the top "
+                          f"level, got {type(tree).__name__}")
     try:
         return Config.model_validate(tree)
     except ValidationError as e:
         raise ConfigError(_format_validation_error(e, source)) from None
+    except RecursionError:
+        raise ConfigError(f"invalid configuration in {source}: nested too deeply") from None
 
 
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
@@ -314,13 +597,11 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
     source = "defaults"
     if path is not None:
         p = Path(path)
-        source = str(p)
+        source = _printable(str(p))
         if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist")
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+            what = "is a folder, not a file" if p.is_dir() else "does not exist"
+            raise ConfigError(f"config file {p} {what}")
+        loaded = parse_yaml(_read_text(p), f"config file {p}")
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
@@ -329,9 +610,72 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
         tree = loaded
     if overrides:
         tree = apply_overrides(tree, overrides)
-        source += " with --set " + " ".join(overrides)
+        source += " with --set " + " ".join(_printable(o) for o in overrides)
     return config_from_dict(tree, source)
 
 
 def dump_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+# ----------------------------------------------------------------------------- before training
+
+
+def resolve_monitor(cfg: Config) -> tuple[str, Literal["max", "min"]]:
+    """The early-stopping monitor and its direction, checked against the model's metrics.
+
+    ``metric: auto`` is the model's declared monitor. Every metric named must be one the model
+    reports (its metric spaces: ``ctr``, ``cvr``, ``ctcvr``), GAUCs need ``data.user_column``,
+    and an explicit ``mode`` must agree with the metric's direction. Cheap: the model is built
+    on the meta device (no weights are allocated), before any data is read.
+
+    Raises:
+        ConfigError: naming ``train.early_stop.metric`` or ``train.early_stop.mode``.
+    """
+    import torch
+
+    from esmm.features import spec_from_config
+    from esmm.models import build_model
+
+    es = cfg.train.early_stop
+    with torch.device("meta"):
+        model = build_model(cfg, spec_from_config(cfg))
+    monitor = model.monitor if es.metric == "auto" else es.metric
+    tasks = [s.name for s in model.metric_spaces]
+    known = [f"{t}{s}" for t in tasks for s in ("_auc", "_gauc", "_logloss")]
+    if "cvr" in tasks:
+        known.append("cvr_auc_entire_space")
+    try:
+        direction = monitor_direction(monitor)
+        for term in monitor_terms(monitor):
+            if term not in known:
+                near = difflib.get_close_matches(term, known, n=1)
+                hint = f"did you mean {near[0]!r}? " if near else ""
+                raise ValueError(f"{term!r} is not a metric of model {cfg.model.name!r}; "
+                                 f"{hint}expected one of {known}")
+            if term.endswith("_gauc") and cfg.data.user_column is None:
+                raise ValueError(f"{term!r} groups by user, but data.user_column is null; "
+                                 "set data.user_column or monitor another metric")
+    except ValueError as e:
+        raise ConfigError(f"train.early_stop.metric: {e}") from None
+    try:
+        check_mode(es.mode, monitor, direction)
+    except ValueError as e:
+        raise ConfigError(f"train.early_stop.mode: {e}") from None
+    return monitor, direction
+
+
+def check_data_paths(cfg: Config, keys: Iterable[str]) -> None:
+    """Refuse, before any work, a data path (``data.train``, ...) that does not exist."""
+    for key in keys:
+        value = getattr(cfg.data, key)
+        if value is None:
+            continue
+        try:
+            found = Path(value).exists()
+        except (OSError, ValueError) as e:  # a NUL byte, a name too long for the file system
+            raise ConfigError(f"data.{key}: {value!r} is not a usable path ({e}); expected a "
+                              f"path to the {key} split") from None
+        if not found:
+            raise ConfigError(f"data.{key}: {_printable(value)} does not exist (no such file or "
+                              f"folder); expected a path to the {key} split")

@@ -34,7 +34,13 @@ import torch
 from torch import nn
 
 import esmm
-from esmm.config import Config, config_from_dict, dump_config
+from esmm.config import (
+    Config,
+    check_data_paths,
+    config_from_dict,
+    dump_config,
+    resolve_monitor,
+)
 from esmm.data.batches import num_batches, read_ahead
 from esmm.data.stream import Split, open_split, split_batches
 from esmm.errors import ConfigError, EsmmError, UsageError
@@ -225,6 +231,10 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False,
         train_data / eval_data: already-opened splits (skips reading ``cfg.data``).
         on_step: called after every optimizer step with the global step.
     """
+    # A misspelt monitor, a mode against its direction or a missing path fails before any work.
+    monitor, mode = resolve_monitor(cfg)
+    check_data_paths(cfg, [k for k, given in (("train", train_data), ("eval", eval_data))
+                           if given is None])
     run = Path(out_dir)
     ck_dir = run / "checkpoints"
     latest = ck_dir / "latest.pt"
@@ -264,13 +274,6 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False,
     device = resolve_device(tc.device)
     model = build_model(cfg, spec).to(device)
     opts = build_optimizers(model, cfg)
-    monitor = tc.early_stop.metric if tc.early_stop.metric != "auto" else model.monitor
-    mode = tc.early_stop.mode
-    if mode == "auto":
-        if tc.early_stop.metric == "auto":
-            mode = model.monitor_mode
-        else:
-            mode = "min" if "logloss" in monitor else "max"
 
     steps_per_epoch = num_batches(train_data.n, tc.batch_size)
     total_steps = steps_per_epoch * tc.epochs
