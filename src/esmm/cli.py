@@ -148,11 +148,14 @@ def evaluate(
                                "split whole; 'auto': stream Parquet, read CSV whole."),
 ) -> None:
     """Evaluate a trained model: prints a table of every metric and writes metrics.json."""
+    from esmm.checkpoint import load_model
     from esmm.data.stream import open_split
     from esmm.evaluate import evaluate as run_eval
+    from esmm.fsio import prepare_file_output, write_text
     from esmm.metrics import format_table
-    from esmm.train import load_model
 
+    if out is not None:
+        prepare_file_output(out)
     model, cfg, spec, ck = load_model(run)
     path = data or cfg.data.test or cfg.data.eval
     if path is None:
@@ -163,9 +166,8 @@ def evaluate(
     metrics = run_eval(model, split, batch_size)
     typer.echo(format_table({cfg.model.name: metrics}))
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"data": str(path), "model": cfg.model.name,
-                                   "step": ck.get("step"), "metrics": metrics}, indent=2))
+        write_text(out, json.dumps({"data": str(path), "model": cfg.model.name,
+                                    "step": ck.get("step"), "metrics": metrics}, indent=2))
         typer.echo(f"wrote {out}")
 
 
@@ -184,33 +186,61 @@ def predict(
                                "whole; 'auto': stream Parquet, read CSV whole."),
 ) -> None:
     """Score rows with a trained model and write p_ctr, p_cvr, p_ctcvr as Parquet."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    from esmm.checkpoint import load_model
+    from esmm.data.stream import resolve_loader
+    from esmm.fsio import prepare_file_output
 
-    from esmm.data.stream import ParquetStream, resolve_loader
-    from esmm.data.tables import encode, needed_columns, read_tables
-    from esmm.evaluate import predict_arrays
-    from esmm.train import load_model
-
+    prepare_file_output(out)
     model, cfg, spec, _ = load_model(run)
     if loader not in ("auto", "stream", "memory"):
         raise UsageError(f"--loader {loader!r}: expected auto, stream or memory")
     if resolve_loader(data, cfg.data, loader) == "stream":
-        stream = ParquetStream(data, spec, cfg.data, require_labels=False, keep=keep)
-        out.parent.mkdir(parents=True, exist_ok=True)
+        n = _predict_stream(model, cfg, spec, data, out, batch_size, keep)
+    else:
+        n = _predict_memory(model, cfg, spec, data, out, batch_size, keep)
+    typer.echo(f"wrote {n} rows to {out}")
+
+
+def _predict_stream(model, cfg, spec, data: Path, out: Path, batch_size: int,
+                    keep: list[str]) -> int:
+    """Score Parquet chunk by chunk into a temporary file that replaces ``out`` at the end: a
+    failure in any chunk leaves the previous ``out`` as it was."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from esmm.data.stream import ParquetStream
+    from esmm.evaluate import predict_arrays
+    from esmm.fsio import atomic_path
+    from esmm.models.base import OUTPUT_NAMES
+
+    stream = ParquetStream(data, spec, cfg.data, require_labels=False, keep=keep)
+    with atomic_path(out) as tmp:
         writer = None
         try:
             for chunk in stream.chunks():
                 preds = predict_arrays(model, chunk, batch_size)
                 table = pa.table({**chunk.extra, **{k: pa.array(v) for k, v in preds.items()}})
                 if writer is None:
-                    writer = pq.ParquetWriter(out, table.schema)
+                    writer = pq.ParquetWriter(tmp, table.schema)
                 writer.write_table(table)
         finally:
             if writer is not None:
                 writer.close()
-        typer.echo(f"wrote {stream.n} rows to {out}")
-        return
+        if writer is None:  # no rows: still a valid (empty) Parquet file
+            pq.write_table(pa.table({k: pa.array([], pa.float64()) for k in OUTPUT_NAMES}), tmp)
+    return stream.n
+
+
+def _predict_memory(model, cfg, spec, data: Path, out: Path, batch_size: int,
+                    keep: list[str]) -> int:
+    """Read ``data`` whole, score it and replace ``out`` atomically."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from esmm.data.tables import encode, needed_columns, read_tables
+    from esmm.evaluate import predict_arrays
+    from esmm.fsio import atomic_path
+
     raw = read_tables(data, cfg.data, columns=needed_columns(spec, cfg.data) + list(keep))
     split = encode(raw, spec, cfg.data, require_labels=False)
     preds = predict_arrays(model, split, batch_size)
@@ -220,9 +250,9 @@ def predict(
             raise UsageError(f"--keep {k!r}: no such column in {data}")
         cols[k] = raw.impressions.column(k)
     cols.update({k: pa.array(v) for k, v in preds.items()})
-    out.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.table(cols), out)
-    typer.echo(f"wrote {split.n} rows to {out}")
+    with atomic_path(out) as tmp:
+        pq.write_table(pa.table(cols), tmp)
+    return split.n
 
 
 @app.command()

@@ -334,4 +334,6 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
 
 
 def dump_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    from esmm.fsio import write_text
+
+    write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

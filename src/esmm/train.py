@@ -17,7 +17,6 @@ killed run to the same result as an uninterrupted one.
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
@@ -34,17 +33,33 @@ import torch
 from torch import nn
 
 import esmm
-from esmm.config import Config, config_from_dict, dump_config
+from esmm.checkpoint import (
+    find_checkpoint,
+    load_checkpoint,
+    load_model,
+    load_weights,
+    prepare_run,
+    read_history,
+    run_lock,
+    save_atomic,
+    save_checkpoint,
+    write_history,
+)
+from esmm.config import Config, dump_config
 from esmm.data.batches import num_batches, read_ahead
 from esmm.data.stream import Split, open_split, split_batches
 from esmm.errors import ConfigError, EsmmError, UsageError
 from esmm.evaluate import evaluate
-from esmm.features import FeatureSpec, spec_from_config
-from esmm.models import MultiTaskModel, build_model
+from esmm.features import spec_from_config
+from esmm.fsio import write_text
+from esmm.models import build_model
 from esmm.nn.embedding import EmbeddingCollection
 from esmm.optim import RowSparseAdam
 
 log = logging.getLogger(__name__)
+
+__all__ = ["TrainResult", "build_optimizers", "find_checkpoint", "load_checkpoint", "load_model",
+           "monitor_value", "resolve_device", "save_atomic", "split_parameters", "train"]
 
 
 @dataclass
@@ -119,54 +134,6 @@ def build_optimizers(model: nn.Module, cfg: Config) -> list[torch.optim.Optimize
     return opts
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def save_atomic(obj: Any, path: Path) -> None:
-    """Write with torch.save to a temporary file, then rename: a crash never leaves half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        raise EsmmError(f"checkpoint {p} does not exist")
-    try:
-        return torch.load(p, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
-        raise EsmmError(f"checkpoint {p} cannot be read: {e}") from None
-
-
-def find_checkpoint(run: str | Path, which: str = "best") -> Path:
-    """The checkpoint of a run directory (``best``, falling back to ``latest``), or a file."""
-    p = Path(run)
-    if p.is_file():
-        return p
-    for name in (which, "latest"):
-        c = p / "checkpoints" / f"{name}.pt"
-        if c.is_file():
-            return c
-    raise UsageError(f"{p}: not a run directory (no checkpoints/{which}.pt); "
-                     "pass the --out folder of `esmm train`")
-
-
-def load_model(run: str | Path, which: str = "best"
-               ) -> tuple[MultiTaskModel, Config, FeatureSpec, dict[str, Any]]:
-    """Rebuild a trained model from a run directory or checkpoint file (eval mode)."""
-    ck = load_checkpoint(find_checkpoint(run, which))
-    cfg = config_from_dict(ck["config"], source=f"checkpoint of {run}")
-    spec = FeatureSpec.from_dict(ck["feature_spec"])
-    model = build_model(cfg, spec)
-    model.load_state_dict(ck["model"])
-    model.eval()
-    return model, cfg, spec, ck
-
-
 # ----------------------------------------------------------------------------- the loop
 
 
@@ -219,30 +186,27 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False,
     """Train ``cfg.model`` on ``cfg.data.train``, evaluating on ``cfg.data.eval``.
 
     Args:
-        out_dir: the run directory (created).
-        resume: continue from ``out_dir/checkpoints/latest.pt``; the config must match.
+        out_dir: the run directory (created; held with a lock file while training, see
+            :mod:`esmm.checkpoint`).
+        resume: continue from ``out_dir/checkpoints/latest.pt``; the config must match. A run
+            stopped before its first ``latest.pt`` starts again from step 0.
         train_data / eval_data: already-opened splits (skips reading ``cfg.data``).
         on_step: called after every optimizer step with the global step.
     """
     run = Path(out_dir)
+    if resume and not run.exists():
+        raise UsageError(f"--resume: {run} does not exist; nothing to resume")
+    with run_lock(run):
+        return _train_locked(cfg, run, resume, train_data, eval_data, on_step)
+
+
+def _train_locked(cfg: Config, run: Path, resume: bool, train_data: Split | None,
+                  eval_data: Split | None, on_step: Callable[[int], None] | None
+                  ) -> TrainResult:
     ck_dir = run / "checkpoints"
     latest = ck_dir / "latest.pt"
-    if resume:
-        if not latest.is_file():
-            raise UsageError(f"--resume: {latest} does not exist; nothing to resume")
-    elif ck_dir.exists() and any(ck_dir.iterdir()):
-        raise UsageError(f"{run} already holds a run (checkpoints/ is not empty); "
-                         "pass --resume to continue it or choose another --out")
+    state, restarted = prepare_run(run, resume, cfg.to_dict())
     ck_dir.mkdir(parents=True, exist_ok=True)
-
-    state: dict[str, Any] | None = None
-    if resume:
-        state = load_checkpoint(latest)
-        if state["config"] != cfg.to_dict():
-            old, new = state["config"], cfg.to_dict()
-            diff = [k for k in new if old.get(k) != new.get(k)]
-            raise ConfigError(f"--resume: the config differs from the run's in section(s) {diff}; "
-                              "resume with the same config (see RUN/config.yaml)")
     dump_config(cfg, run / "config.yaml")
 
     tc = cfg.train
@@ -288,7 +252,7 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False,
     loss_sums: dict[str, float] = {}
     loss_count = 0
     if state is not None:
-        model.load_state_dict(state["model"])
+        load_weights(model, state["model"], latest)
         try:
             for o, s in zip(opts, state["optimizers"], strict=True):
                 o.load_state_dict(s)
@@ -307,14 +271,13 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False,
         log.info("resuming %s at step %d (epoch %d, batch %d)", run, step, epoch, batch_in_epoch)
 
     history_path = run / "history.csv"
-    history_rows: list[dict[str, Any]] = []
-    if state is not None and history_path.exists():
-        with open(history_path, newline="") as f:
-            history_rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
+    history_rows = read_history(history_path, step) if state is not None else []
 
     from torch.utils.tensorboard import SummaryWriter
 
-    tb = SummaryWriter(str(run / "tb"), purge_step=step if state is not None else None)
+    # purge_step hides the events a killed run logged past the step this run starts from.
+    tb = SummaryWriter(str(run / "tb"),
+                       purge_step=step if state is not None or restarted else None)
 
     def checkpoint(path: Path, resumable: bool = True) -> None:
         # Only latest.pt needs optimizer state (to resume); best.pt carries weights and metadata,
@@ -325,7 +288,7 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False,
                      "torch_rng": torch.get_rng_state(),
                      "cuda_rng": (torch.cuda.get_rng_state(device) if device.type == "cuda"
                                   else None)}
-        save_atomic({
+        save_checkpoint({
             "model": model.state_dict(),
             **extra,
             "config": cfg.to_dict(),
@@ -335,19 +298,6 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False,
             "monitor": monitor, "version": esmm.__version__,
             "elapsed_s": elapsed_before + (time.perf_counter() - t0),
         }, path)
-
-    def write_history() -> None:
-        names: list[str] = []
-        for r in history_rows:
-            for k in r:
-                if k not in names:
-                    names.append(k)
-        tmp = history_path.with_suffix(".csv.tmp")
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=names)
-            w.writeheader()
-            w.writerows(history_rows)
-        os.replace(tmp, history_path)
 
     from tqdm.auto import tqdm
 
@@ -420,7 +370,7 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False,
                             log.info("step %d: %s=%.5f (best %.5f at step %s)", step, monitor,
                                      value, best if best is not None else float("nan"), best_step)
                         history_rows.append(row)
-                        write_history()
+                        write_history(history_path, history_rows)
                         # latest.pt holds optimizer state (3x the weights with Adam), so writing it
                         # at every evaluation can cost more than the evaluation; it is throttled.
                         if time.perf_counter() - latest_at[1] >= tc.checkpoint_interval_s:
@@ -450,7 +400,7 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False,
         best_step = step
     final_metrics: dict[str, float] = {}
     best_ck = load_checkpoint(ck_dir / "best.pt")
-    model.load_state_dict(best_ck["model"])
+    load_weights(model, best_ck["model"], ck_dir / "best.pt")
     if eval_data is not None:
         final_metrics = evaluate(model, eval_data, tc.eval_batch_size)
     report = {
@@ -464,7 +414,7 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False,
         "metrics": final_metrics,
         "version": esmm.__version__,
     }
-    (run / "metrics.json").write_text(json.dumps(report, indent=2, default=_json_default))
+    write_text(run / "metrics.json", json.dumps(report, indent=2, default=_json_default))
     return TrainResult(run, step, best_step, best, monitor, final_metrics, stopped_early)
 
 
