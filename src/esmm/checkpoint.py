@@ -156,17 +156,31 @@ def _refusal(path: Path, err: Exception) -> str:
 
 
 def _peek_version(path: Path) -> str | None:
-    """The ``version`` string a checkpoint's pickle names, read without unpickling it."""
+    """The ``version`` string a checkpoint's pickle names, read without unpickling it.
+
+    Walks the opcodes (``pickletools.genops`` only parses) and returns the first string that
+    directly follows the string ``"version"``, resolving memo references to strings.
+    """
     try:
         with zipfile.ZipFile(path) as z:
             name = next(n for n in z.namelist() if n.endswith("data.pkl"))
             data = z.read(name)
-        last = None
+        memo: dict[int, Any] = {}
+        prev: Any = None
         for op, arg, _ in pickletools.genops(data):
-            if isinstance(arg, str) and "UNICODE" in op.name:
-                if last == "version":
-                    return arg
-                last = arg
+            if op.name == "MEMOIZE":
+                memo[len(memo)] = prev
+                continue
+            if op.name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                memo[arg] = prev
+                continue
+            if op.name in ("GET", "BINGET", "LONG_BINGET"):
+                value = memo.get(arg)
+            else:
+                value = arg if isinstance(arg, str) and "UNICODE" in op.name else None
+            if prev == "version" and isinstance(value, str):
+                return value
+            prev = value
     except Exception:  # noqa: BLE001 - only a hint for the message
         return None
     return None

@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from esmm.errors import UsageError
+from esmm.fsio import write_text
 
 log = logging.getLogger(__name__)
 
@@ -906,6 +907,6 @@ def write_simulation(out_dir: str | Path, cfg: SimConfig, rows: dict[str, int], 
         "offsets": {"click": world.off_c, "conversion": world.off_v},
         "splits": splits,
     }
-    (out / "simulation.json").write_text(json.dumps(info, indent=2) + "\n")
+    write_text(out / "simulation.json", json.dumps(info, indent=2) + "\n")
     log.info("simulation written to %s in %.1f s", out, time.perf_counter() - t0)
     return info
