@@ -2,17 +2,20 @@
 
 Run directory layout::
 
+    RUN/.lock                  held (fcntl.flock) while a training writes the folder
     RUN/config.yaml            resolved config
-    RUN/checkpoints/latest.pt  resumable; at an evaluation (atomically, at most once per
+    RUN/checkpoints/latest.pt  resumable; at an evaluation (at most once per
                                ``train.checkpoint_interval_s``) and at the end
     RUN/checkpoints/best.pt    the best evaluation so far by the monitored metric (weights only)
     RUN/history.csv            one row per evaluation
     RUN/metrics.json           final metrics of the best checkpoint, with the split they came from
     RUN/tb/                    TensorBoard events
 
-A checkpoint carries the config, the feature spec, the step, the best metric and the package
-version; ``latest.pt`` also holds optimizer and data-order state, so ``resume=True`` continues a
-killed run to the same result as an uninterrupted one.
+Every file is written atomically (:mod:`esmm.fsio`). A checkpoint carries the config, the
+feature spec, the step, the best metric and the package version as plain values, and a SHA-256
+of its tensors (:mod:`esmm.checkpoint`); ``latest.pt`` also holds optimizer and data-order
+state, so ``resume=True`` continues a killed run to the same result as an uninterrupted one. A
+run killed before its first ``latest.pt`` starts again from step 0.
 """
 
 from __future__ import annotations
