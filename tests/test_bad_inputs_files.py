@@ -256,18 +256,19 @@ def test_out_under_a_file_is_refused(run, flat_data, tmp_path):
     assert blocker.read_text() == "mine"
 
 
-def test_out_naming_a_file_where_a_folder_is_expected(run, flat_data, tmp_path):
+@pytest.mark.parametrize("command", ["data aliccp", "train", "simulate", "demo",
+                                     "benchmark paper", "benchmark bias-sweep"])
+def test_out_naming_a_file_where_a_folder_is_expected(flat_data, tmp_path, command):
     taken = tmp_path / "taken.txt"
     taken.write_text("mine")
-    skel, common = tmp_path / "skel.csv", tmp_path / "common.csv"
+    skel, common, cfg = tmp_path / "skel.csv", tmp_path / "common.csv", tmp_path / "cfg.yaml"
     skel.write_text("")
     common.write_text("")
-    res = runner.invoke(app, ["data", "aliccp", "--skeleton", str(skel), "--common",
-                              str(common), "--out", str(taken)])
-    one_error(res, 2, f"--out {taken}: is a file; expected a folder")
-    cfg = tmp_path / "cfg.yaml"
     cfg.write_text(yaml.safe_dump(small_config(flat_data["train"], max_steps=2)))
-    res = runner.invoke(app, ["train", str(cfg), "--out", str(taken)])
+    args = {"data aliccp": ["--skeleton", str(skel), "--common", str(common)],
+            "train": [str(cfg)], "simulate": ["--rows", "1000"], "demo": ["--rows", "1000"],
+            "benchmark paper": [], "benchmark bias-sweep": []}[command]
+    res = runner.invoke(app, [*command.split(), *args, "--out", str(taken)])
     one_error(res, 2, f"--out {taken}: is a file; expected a folder")
-    assert taken.read_text() == "mine" and listing(tmp_path) == ["cfg.yaml", "common.csv",
-                                                                 "skel.csv", "taken.txt"]
+    assert taken.read_text() == "mine"
+    assert listing(tmp_path) == ["cfg.yaml", "common.csv", "skel.csv", "taken.txt"]

@@ -14,6 +14,7 @@ from pathlib import Path
 import typer
 
 from esmm.errors import EsmmError, UsageError
+from esmm.fsio import prepare_dir_output
 
 app = typer.Typer(
     add_completion=False,
@@ -85,6 +86,7 @@ def simulate(
 
     if fmt not in ("parquet", "aliccp-raw"):
         raise UsageError(f"--format {fmt!r}: expected 'parquet' or 'aliccp-raw'")
+    prepare_dir_output(out)
     cfg = get_preset(preset, **_parse_knobs(knob))
     split_rows = {"train": rows, "valid": valid_rows if valid_rows is not None else rows // 4,
                   "test": test_rows if test_rows is not None else rows // 2}
@@ -273,6 +275,7 @@ def demo(
     """Simulate data, train BASE, ESMM-NS and ESMM, print one table and write report.md."""
     from esmm.demo import run_demo
 
+    prepare_dir_output(out)
     report = run_demo(out, preset=preset, rows=rows, seeds=seeds,
                       models=[m.strip() for m in models.split(",") if m.strip()],
                       knobs=_parse_knobs(knob), overrides=overrides)
@@ -375,6 +378,7 @@ def benchmark_paper(
     """
     from esmm.benchmark import parse_budgets, parse_methods, run_paper
 
+    prepare_dir_output(out)
     report = run_paper(out, data=data, seeds=seeds,
                        methods=parse_methods(methods, ()), overrides=overrides, rows=rows,
                        preset=preset, knobs=_parse_knobs(knob), budgets=parse_budgets(budget),
@@ -414,6 +418,7 @@ def benchmark_bias_sweep(
     """
     from esmm.benchmark import parse_budgets, parse_floats, parse_methods, run_bias_sweep
 
+    prepare_dir_output(out)
     report = run_bias_sweep(out, selection=parse_floats(selection, "--selection"),
                             cvr=parse_floats(cvr, "--cvr"), seeds=seeds, rows=rows,
                             methods=parse_methods(methods, ()), preset=preset,
