@@ -229,10 +229,13 @@ def test_temporaries_of_an_interrupted_write_are_removed_and_the_run_resumes(
     left = [ck_dir / ".latest.pt.k2j4h.tmp", ck_dir / "latest.pt.tmp", run / ".history.csv.x.tmp"]
     for p in left:
         p.write_bytes(b"PK\x03\x04 half a checkpoint")
+    other = run / "notes.tmp"  # not a file esmm writes: left alone
+    other.write_text("mine")
     with caplog.at_level(logging.INFO, logger="esmm"):
         res = train(cfg, run, resume=True)
     assert "resuming" in caplog.text and "left by an interrupted write" in caplog.text
     assert not any(p.exists() for p in left)
+    assert other.read_text() == "mine"
     assert res.step == full.step
     assert _same_weights(_weights(ck_dir / "latest.pt"),
                          _weights(tmp_path / "full/checkpoints/latest.pt"))

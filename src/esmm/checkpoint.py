@@ -293,12 +293,20 @@ def run_lock(run: Path) -> Iterator[None]:
         os.close(fd)
 
 
+# The files a training writes in RUN and RUN/checkpoints: their temporaries (esmm.fsio's
+# ".NAME.XXXXXXXX.tmp", and "NAME.tmp" as esmm 0.2 named them) are removed, nothing else.
+_RUN_OUTPUTS = ("config.yaml", "history.csv", "metrics.json", "latest.pt", "best.pt")
+
+
 def _remove_temporaries(folder: Path) -> None:
     """Delete temporary files left by a write that was interrupted (the lock is held)."""
     if not folder.is_dir():
         return
     for p in folder.iterdir():
-        if p.is_file() and p.name.endswith(".tmp"):
+        name = p.name
+        ours = any(name == f"{o}.tmp" or (name.startswith(f".{o}.") and name.endswith(".tmp"))
+                   for o in _RUN_OUTPUTS)
+        if ours and p.is_file():
             log.info("removing %s, left by an interrupted write", p)
             p.unlink()
 
