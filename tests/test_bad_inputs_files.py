@@ -272,3 +272,19 @@ def test_out_naming_a_file_where_a_folder_is_expected(flat_data, tmp_path, comma
     one_error(res, 2, f"--out {taken}: is a file; expected a folder")
     assert taken.read_text() == "mine"
     assert listing(tmp_path) == ["cfg.yaml", "common.csv", "skel.csv", "taken.txt"]
+
+
+def test_artifact_metadata_without_feature_spec_is_named(artifacts, tmp_path):
+    import json
+
+    import onnx
+
+    proto = onnx.load(str(artifacts["onnx"]))
+    entry = next(p for p in proto.metadata_props if p.key == ex.METADATA_KEY)
+    meta = json.loads(entry.value)
+    del meta["feature_spec"]
+    entry.value = json.dumps(meta)
+    path = tmp_path / "nospec.onnx"
+    onnx.save_model(proto, str(path))
+    res = runner.invoke(app, ["serve", str(path), "--port", "0"])
+    one_error(res, 1, str(path), "no 'feature_spec'")

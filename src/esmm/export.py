@@ -644,6 +644,9 @@ def load_artifact(path: str | Path, threads: int | None = None, *, verify: bool 
                         f"{type(e).__name__}: {first}") from None
     if not isinstance(meta, dict):
         raise EsmmError(f"{p}: its esmm metadata is a {type(meta).__name__}, not an object")
+    if "feature_spec" not in meta:
+        raise EsmmError(f"{p}: its esmm metadata has no 'feature_spec'; export it again with "
+                        "`esmm export`")
     if meta.get("format_version", 0) > FORMAT_VERSION:
         raise EsmmError(f"{p}: artifact format {meta['format_version']} is newer than this esmm "
                         f"supports ({FORMAT_VERSION}); upgrade esmm")
