@@ -38,8 +38,11 @@ import torch
 import yaml
 from torch import nn
 
+from esmm.config import Config, config_from_dict
 from esmm.errors import ConfigError, EsmmError, UsageError
+from esmm.features import FeatureSpec
 from esmm.fsio import atomic_write, prepare_dir_output
+from esmm.models import MultiTaskModel, build_model
 
 log = logging.getLogger(__name__)
 
@@ -239,16 +242,13 @@ def checkpoint_entry(ck: Mapping[str, Any], key: str, source: Path | str) -> Any
     return ck[key]
 
 
-def load_model(run: str | Path, which: str = "best") -> tuple[Any, Any, Any, dict[str, Any]]:
+def load_model(run: str | Path, which: str = "best"
+               ) -> tuple[MultiTaskModel, Config, FeatureSpec, dict[str, Any]]:
     """Rebuild a trained model from a run directory or checkpoint file (eval mode).
 
     Returns:
         (model, config, feature spec, the checkpoint dict).
     """
-    from esmm.config import config_from_dict
-    from esmm.features import FeatureSpec
-    from esmm.models import build_model
-
     path = find_checkpoint(run, which)
     ck = load_checkpoint(path)
     cfg = config_from_dict(checkpoint_entry(ck, "config", path), source=f"checkpoint {path}")

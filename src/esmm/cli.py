@@ -10,11 +10,17 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from esmm.errors import EsmmError, UsageError
 from esmm.fsio import prepare_dir_output
+
+if TYPE_CHECKING:
+    from esmm.config import Config
+    from esmm.features import FeatureSpec
+    from esmm.models import MultiTaskModel
 
 app = typer.Typer(
     add_completion=False,
@@ -203,8 +209,8 @@ def predict(
     typer.echo(f"wrote {n} rows to {out}")
 
 
-def _predict_stream(model, cfg, spec, data: Path, out: Path, batch_size: int,
-                    keep: list[str]) -> int:
+def _predict_stream(model: MultiTaskModel, cfg: Config, spec: FeatureSpec, data: Path,
+                    out: Path, batch_size: int, keep: list[str]) -> int:
     """Score Parquet chunk by chunk into a temporary file that replaces ``out`` at the end: a
     failure in any chunk leaves the previous ``out`` as it was."""
     import pyarrow as pa
@@ -233,8 +239,8 @@ def _predict_stream(model, cfg, spec, data: Path, out: Path, batch_size: int,
     return stream.n
 
 
-def _predict_memory(model, cfg, spec, data: Path, out: Path, batch_size: int,
-                    keep: list[str]) -> int:
+def _predict_memory(model: MultiTaskModel, cfg: Config, spec: FeatureSpec, data: Path,
+                    out: Path, batch_size: int, keep: list[str]) -> int:
     """Read ``data`` whole, score it and replace ``out`` atomically."""
     import pyarrow as pa
     import pyarrow.parquet as pq
