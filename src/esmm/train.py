@@ -358,7 +358,7 @@ class Trainer:
         p.step += 1
         p.samples += batch.size
         p.batch_in_epoch += 1
-        return total
+        return total.detach()
 
     # ------------------------------------------------------------------------- an interval
 
