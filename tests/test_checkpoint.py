@@ -8,7 +8,11 @@ import struct
 import subprocess
 import sys
 import zipfile
+from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -22,8 +26,9 @@ from esmm.checkpoint import (
     seal,
     tensors_digest,
 )
+from esmm.config import config_from_dict
 from esmm.errors import ConfigError, EsmmError, UsageError
-from esmm.train import train
+from esmm.train import build_optimizers, train
 
 
 class _Killed(Exception):
@@ -64,7 +69,6 @@ def flip_weight_byte(path, pattern="/data/"):
 
 @pytest.fixture(scope="module")
 def run(flat_data, tmp_path_factory):
-    from esmm.config import config_from_dict
     from tests.conftest import small_config
 
     cfg = config_from_dict(small_config(flat_data["train"], flat_data["valid"], max_steps=12,
@@ -294,3 +298,39 @@ def test_the_lock_is_released_when_training_fails(flat_data, cfg_factory, tmp_pa
         train(cfg, tmp_path / "run", on_step=_kill_at(2))
     res = train(cfg, tmp_path / "run")  # not refused by its own earlier lock
     assert res.step == 30
+
+
+# ----------------------------------------------------------------------------- esmm 0.2.0 files
+
+LEGACY = Path(__file__).parent / "files" / "esmm-0.2.0"  # written by make.py beside them
+
+
+def test_checkpoints_written_by_0_2_0_load_unverified(caplog):
+    with caplog.at_level(logging.WARNING, logger="esmm.checkpoint"):
+        model, cfg, spec, ck = load_model(LEGACY / "best.pt")
+    assert ck["version"] == "0.2.0" and DIGEST_KEY not in ck
+    assert "no weights digest (written by esmm 0.2.0)" in caplog.text
+    latest = load_checkpoint(LEGACY / "latest.pt")
+    for o, s in zip(build_optimizers(model, cfg), latest["optimizers"], strict=True):
+        o.load_state_dict(s)
+    assert [f.name for f in spec.fields] == ["101", "205", "109_14", "d1"]
+
+
+def test_a_0_2_0_run_resumes(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the run's data.train is relative
+    rng = np.random.default_rng(0)
+    n = 600
+    pq.write_table(pa.table({
+        "101": rng.integers(0, 50, n), "205": rng.integers(0, 80, n),
+        "109_14": pa.array([rng.integers(0, 30, rng.integers(0, 4)).tolist() for _ in range(n)],
+                           type=pa.list_(pa.int64())),
+        "d1": rng.random(n), "click": (rng.random(n) < 0.3).astype(np.int8),
+        "conversion": np.zeros(n, dtype=np.int8)}), tmp_path / "train.parquet")
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copy(LEGACY / "latest.pt", run / "checkpoints" / "latest.pt")
+    cfg = config_from_dict(load_checkpoint(LEGACY / "latest.pt")["config"])
+    res = train(cfg, run, resume=True)
+    assert res.step == 3
+    best = torch.load(run / "checkpoints" / "best.pt", weights_only=True)
+    assert best[FORMAT_KEY] == 1 and best["step"] == 3  # rewritten sealed
