@@ -59,6 +59,7 @@ from esmm.demo import DEMO_ROWS, SIM_SEED, _sim_matches, _split_stats, demo_conf
 from esmm.errors import DataError, UsageError
 from esmm.evaluate import evaluate_arrays, predict_arrays
 from esmm.features import spec_from_config
+from esmm.fsio import atomic_path, atomic_write, write_text
 from esmm.metrics import METRIC_ORDER, format_table
 from esmm.models import model_names
 from esmm.train import _progress_enabled, load_model, train
@@ -194,7 +195,7 @@ def ensure_simulation(data_dir: Path, preset: str, knobs: dict[str, Any],
         info = write_simulation(data_dir, sim, split_rows, SIM_SEED)
         meta = dict(info)
         meta.update(expect)
-        (data_dir / "simulation.json").write_text(json.dumps(meta, indent=2, default=str))
+        write_text(data_dir / "simulation.json", json.dumps(meta, indent=2, default=str))
     return json.loads((data_dir / "simulation.json").read_text())
 
 
@@ -372,8 +373,8 @@ def _run_one(job: Job, get_splits: Callable[[], Splits], fingerprint: Any, fresh
            "monitor": res.monitor, "best_step": res.best_step,
            "stopped_early": res.stopped_early,
            "train_s": round(time.perf_counter() - t0, 1), **metrics}
-    marker.write_text(json.dumps({"config": cfg.to_dict(), "data": fingerprint, "row": row},
-                                 default=_json_default))
+    write_text(marker, json.dumps({"config": cfg.to_dict(), "data": fingerprint, "row": row},
+                                  default=_json_default))
     if not keep_checkpoints:
         shutil.rmtree(job.run_dir / "checkpoints", ignore_errors=True)
     return row
@@ -495,7 +496,7 @@ def write_csv(path: Path, rows: Sequence[dict[str, Any]], first: Sequence[str] =
     rank = {k: i for i, k in enumerate(METRIC_ORDER)}
     lead = [k for k in (*first, *_RUN_FIELDS) if k in keys]
     rest = sorted((k for k in keys if k not in lead), key=lambda k: (rank.get(k, len(rank)), k))
-    with open(path, "w", newline="") as f:
+    with atomic_write(path, "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=lead + rest)
         w.writeheader()
         for r in rows:
@@ -554,7 +555,8 @@ def paper_chart(path: Path, rows: Sequence[dict[str, Any]], methods: Sequence[st
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
 
 
@@ -698,7 +700,7 @@ def run_paper(out: str | Path, *, data: str | Path | None = None, seeds: int = 3
               f"Seeds: {seeds} (train.seed {cfg0.train.seed} to {cfg0.train.seed + seeds - 1}; "
               f"same data). Total time {time.perf_counter() - t0:.0f} s."]
     text = paper_report(results, methods, seeds, header)
-    (out / "report.md").write_text(text)
+    write_text(out / "report.md", text)
     log.info("wrote %s, %s and %s", out / "results.csv", out / "report.md", out / "auc.png")
     return text
 
@@ -750,7 +752,8 @@ def sweep_chart(path: Path, summary: Sequence[dict[str, Any]], methods: Sequence
     axes[0][0].legend(fontsize=8)
     fig.suptitle(METRIC_TITLE.get(metric, metric) + ", mean ± std over seeds")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
 
 
@@ -855,7 +858,7 @@ def run_bias_sweep(out: str | Path, *, selection: Sequence[float] = (0.0, 0.5, 1
                       f"{st.get('conversions_per_click', math.nan):.4f} | "
                       f"{st.get('clicks', '')} | {st.get('conversions', '')} |")
     text = sweep_report(summary, methods, cells, metrics, header)
-    (out / "report.md").write_text(text)
+    write_text(out / "report.md", text)
     log.info("wrote %s", ", ".join(str(out / n) for n in (
         "sweep.csv", "summary.csv", "report.md", *(f"{k}.png" for k in metrics))))
     return text

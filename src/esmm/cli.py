@@ -10,10 +10,17 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from esmm.errors import EsmmError, UsageError
+from esmm.fsio import prepare_dir_output
+
+if TYPE_CHECKING:
+    from esmm.config import Config
+    from esmm.features import FeatureSpec
+    from esmm.models import MultiTaskModel
 
 app = typer.Typer(
     add_completion=False,
@@ -86,6 +93,7 @@ def simulate(
     if fmt not in ("parquet", "aliccp-raw"):
         raise UsageError(f"--format {fmt!r}: expected 'parquet' or 'aliccp-raw'")
     cfg = get_preset(preset, **_parse_knobs(knob))
+    prepare_dir_output(out)
     split_rows = {"train": rows, "valid": valid_rows if valid_rows is not None else rows // 4,
                   "test": test_rows if test_rows is not None else rows // 2}
     split_rows = {k: v for k, v in split_rows.items() if v > 0}
@@ -148,12 +156,15 @@ def evaluate(
                                "split whole; 'auto': stream Parquet, read CSV whole."),
 ) -> None:
     """Evaluate a trained model: prints a table of every metric and writes metrics.json."""
+    from esmm.checkpoint import load_model
     from esmm.config import check_data_paths
     from esmm.data.stream import open_split
     from esmm.evaluate import evaluate as run_eval
+    from esmm.fsio import prepare_file_output, write_text
     from esmm.metrics import format_table
-    from esmm.train import load_model
 
+    if out is not None:
+        prepare_file_output(out)
     model, cfg, spec, ck = load_model(run)
     path = data or cfg.data.test or cfg.data.eval
     if path is None:
@@ -166,9 +177,8 @@ def evaluate(
     metrics = run_eval(model, split, batch_size)
     typer.echo(format_table({cfg.model.name: metrics}))
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"data": str(path), "model": cfg.model.name,
-                                   "step": ck.get("step"), "metrics": metrics}, indent=2))
+        write_text(out, json.dumps({"data": str(path), "model": cfg.model.name,
+                                    "step": ck.get("step"), "metrics": metrics}, indent=2))
         typer.echo(f"wrote {out}")
 
 
@@ -187,33 +197,61 @@ def predict(
                                "whole; 'auto': stream Parquet, read CSV whole."),
 ) -> None:
     """Score rows with a trained model and write p_ctr, p_cvr, p_ctcvr as Parquet."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    from esmm.checkpoint import load_model
+    from esmm.data.stream import resolve_loader
+    from esmm.fsio import prepare_file_output
 
-    from esmm.data.stream import ParquetStream, resolve_loader
-    from esmm.data.tables import encode, needed_columns, read_tables
-    from esmm.evaluate import predict_arrays
-    from esmm.train import load_model
-
+    prepare_file_output(out)
     model, cfg, spec, _ = load_model(run)
     if loader not in ("auto", "stream", "memory"):
         raise UsageError(f"--loader {loader!r}: expected auto, stream or memory")
     if resolve_loader(data, cfg.data, loader) == "stream":
-        stream = ParquetStream(data, spec, cfg.data, require_labels=False, keep=keep)
-        out.parent.mkdir(parents=True, exist_ok=True)
+        n = _predict_stream(model, cfg, spec, data, out, batch_size, keep)
+    else:
+        n = _predict_memory(model, cfg, spec, data, out, batch_size, keep)
+    typer.echo(f"wrote {n} rows to {out}")
+
+
+def _predict_stream(model: MultiTaskModel, cfg: Config, spec: FeatureSpec, data: Path,
+                    out: Path, batch_size: int, keep: list[str]) -> int:
+    """Score Parquet chunk by chunk into a temporary file that replaces ``out`` at the end: a
+    failure in any chunk leaves the previous ``out`` as it was."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from esmm.data.stream import ParquetStream
+    from esmm.evaluate import predict_arrays
+    from esmm.fsio import atomic_path
+    from esmm.models.base import OUTPUT_NAMES
+
+    stream = ParquetStream(data, spec, cfg.data, require_labels=False, keep=keep)
+    with atomic_path(out) as tmp:
         writer = None
         try:
             for chunk in stream.chunks():
                 preds = predict_arrays(model, chunk, batch_size)
                 table = pa.table({**chunk.extra, **{k: pa.array(v) for k, v in preds.items()}})
                 if writer is None:
-                    writer = pq.ParquetWriter(out, table.schema)
+                    writer = pq.ParquetWriter(tmp, table.schema)
                 writer.write_table(table)
         finally:
             if writer is not None:
                 writer.close()
-        typer.echo(f"wrote {stream.n} rows to {out}")
-        return
+        if writer is None:  # no rows: still a valid (empty) Parquet file
+            pq.write_table(pa.table({k: pa.array([], pa.float64()) for k in OUTPUT_NAMES}), tmp)
+    return stream.n
+
+
+def _predict_memory(model: MultiTaskModel, cfg: Config, spec: FeatureSpec, data: Path,
+                    out: Path, batch_size: int, keep: list[str]) -> int:
+    """Read ``data`` whole, score it and replace ``out`` atomically."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from esmm.data.tables import encode, needed_columns, read_tables
+    from esmm.evaluate import predict_arrays
+    from esmm.fsio import atomic_path
+
     raw = read_tables(data, cfg.data, columns=needed_columns(spec, cfg.data) + list(keep))
     split = encode(raw, spec, cfg.data, require_labels=False)
     preds = predict_arrays(model, split, batch_size)
@@ -223,9 +261,9 @@ def predict(
             raise UsageError(f"--keep {k!r}: no such column in {data}")
         cols[k] = raw.impressions.column(k)
     cols.update({k: pa.array(v) for k, v in preds.items()})
-    out.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.table(cols), out)
-    typer.echo(f"wrote {split.n} rows to {out}")
+    with atomic_path(out) as tmp:
+        pq.write_table(pa.table(cols), tmp)
+    return split.n
 
 
 @app.command()
@@ -246,6 +284,7 @@ def demo(
     """Simulate data, train BASE, ESMM-NS and ESMM, print one table and write report.md."""
     from esmm.demo import run_demo
 
+    prepare_dir_output(out)
     report = run_demo(out, preset=preset, rows=rows, seeds=seeds,
                       models=[m.strip() for m in models.split(",") if m.strip()],
                       knobs=_parse_knobs(knob), overrides=overrides)
@@ -348,6 +387,7 @@ def benchmark_paper(
     """
     from esmm.benchmark import parse_budgets, parse_methods, run_paper
 
+    prepare_dir_output(out)
     report = run_paper(out, data=data, seeds=seeds,
                        methods=parse_methods(methods, ()), overrides=overrides, rows=rows,
                        preset=preset, knobs=_parse_knobs(knob), budgets=parse_budgets(budget),
@@ -387,6 +427,7 @@ def benchmark_bias_sweep(
     """
     from esmm.benchmark import parse_budgets, parse_floats, parse_methods, run_bias_sweep
 
+    prepare_dir_output(out)
     report = run_bias_sweep(out, selection=parse_floats(selection, "--selection"),
                             cvr=parse_floats(cvr, "--cvr"), seeds=seeds, rows=rows,
                             methods=parse_methods(methods, ()), preset=preset,

@@ -15,6 +15,7 @@ import torch
 from esmm.data.batches import iter_batches, read_ahead
 from esmm.data.stream import Split
 from esmm.data.tables import EncodedData
+from esmm.errors import DataError
 from esmm.metrics import compute_metrics, entire_space_diagnostics
 from esmm.models.base import OUTPUT_NAMES, MultiTaskModel
 
@@ -110,7 +111,8 @@ def predict_split(model: MultiTaskModel, split: Split, batch_size: int = 8192
     finally:
         model.train(was_training)
     if pos != n:
-        raise RuntimeError(f"{split.source}: the stream gave {pos} rows, expected {n}")
+        raise DataError(f"{split.source}: the stream gave {pos} rows, expected {n}; the files "
+                        "changed while they were read")
     keep = EncodedData(source=split.source, n=n, groups=cols.get("groups"),
                        click=cols.get("click"), conversion=cols.get("conversion"))
     keep.ground_truth = {k[3:]: v for k, v in cols.items() if k.startswith("gt:")}

@@ -8,6 +8,11 @@ resolved config, training metrics, esmm version, export time, the fields and the
 * ``onnx``: an ONNX model (opset 17) that runs under onnxruntime; the metadata is the JSON
   string under the key ``esmm.json`` of the model's ``metadata_props``.
 
+The metadata's ``sha256`` holds the SHA-256 of the ``weights`` and of the ``graph`` (see
+:func:`torchscript_digests`, :func:`onnx_digests`), computed from the artifact as loaded back at
+export; :func:`load_artifact` (and so ``esmm serve`` at start-up) recomputes both and refuses a
+file where either differs.
+
 The graph takes flat tensors. For every sparse field, in spec order, either ``ids__NAME``
 (R,) int64 bucket ids, or ``values__NAME`` (nnz,) int64 bucket ids with ``offsets__NAME``
 (R + 1,) int64 (row r owns ``values[offsets[r]:offsets[r + 1]]``). R is N (one row per
@@ -30,12 +35,11 @@ export and leaves no file behind.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
+import hashlib
 import itertools
 import json
 import logging
-import os
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -71,6 +75,7 @@ log = logging.getLogger(__name__)
 FORMATS = ("torchscript", "onnx")
 FORMAT_VERSION = 1
 METADATA_KEY = "esmm.json"
+DIGEST_KEY = "sha256"
 ONNX_OPSET = 17
 PARITY_TOL = 1e-5
 
@@ -404,7 +409,8 @@ class Predictor:
 
     Attributes:
         metadata: the artifact's metadata (see :func:`export_run`); spec: its feature spec;
-        format: ``torchscript`` or ``onnx``; path: the artifact file.
+        format: ``torchscript`` or ``onnx``; path: the artifact file; digests: the SHA-256
+        of its ``weights`` and ``graph`` as loaded.
     """
 
     def __init__(self, runner: Any, metadata: dict[str, Any], fmt: str, path: Path) -> None:
@@ -413,6 +419,7 @@ class Predictor:
         self.spec = FeatureSpec.from_dict(metadata["feature_spec"])
         self.format = fmt
         self.path = path
+        self.digests: dict[str, str] = {}
         self.fields = {f.name: f for f in self.spec.fields}
         self._sparse_pos = {f.name: i for i, f in enumerate(self.spec.sparse)}
 
@@ -531,11 +538,87 @@ def _read_metadata_torchscript(path: Path) -> tuple[Any, dict[str, Any]]:
     return module, json.loads(extra[METADATA_KEY])
 
 
-def load_artifact(path: str | Path, threads: int | None = None) -> Predictor:
+def torchscript_digests(module: Any) -> dict[str, str]:
+    """SHA-256 of a loaded TorchScript module: ``weights`` (every parameter and buffer, by
+    name) and ``graph`` (the code of every submodule with its constants)."""
+    from esmm.checkpoint import tensors_digest
+
+    graph = hashlib.sha256()
+    for name, sub in sorted(module.named_modules(), key=lambda t: t[0]):
+        graph.update(f"module {name}\n".encode())
+        try:
+            code, consts = sub.code_with_constants
+        except (AttributeError, RuntimeError):  # a container without a forward of its own
+            continue
+        graph.update(code.encode())
+        graph.update(tensors_digest(dict(consts.const_mapping)).encode())
+    return {"weights": tensors_digest(dict(module.state_dict())), "graph": graph.hexdigest()}
+
+
+def onnx_digests(proto: Any) -> dict[str, str]:
+    """SHA-256 of an ONNX model: ``weights`` (every initializer: name, type, dims, values) and
+    ``graph`` (the graph without its initializers, serialized deterministically)."""
+    from onnx import numpy_helper
+
+    weights = hashlib.sha256()
+    for init in sorted(proto.graph.initializer, key=lambda t: t.name):
+        weights.update(f"{init.name}:{init.data_type}:{list(init.dims)}\n".encode())
+        weights.update(np.ascontiguousarray(numpy_helper.to_array(init)).tobytes())
+    graph = type(proto.graph)()
+    graph.CopyFrom(proto.graph)
+    del graph.initializer[:]
+    digest = hashlib.sha256(graph.SerializeToString(deterministic=True)).hexdigest()
+    return {"weights": weights.hexdigest(), "graph": digest}
+
+
+def _verify_digests(path: Path, meta: dict[str, Any], got: dict[str, str]) -> None:
+    """Compare an artifact's digests with the ones its metadata was written with."""
+    want = meta.get(DIGEST_KEY)
+    if not isinstance(want, dict):
+        log.warning("%s carries no SHA-256 of its weights and graph (exported by esmm %s); "
+                    "loaded unverified", path, meta.get("esmm_version", "0.2.0 or earlier"))
+        return
+    for part in ("weights", "graph"):
+        if want.get(part) != got[part]:
+            raise EsmmError(f"{path}: the SHA-256 of its {part} is {got[part][:16]}..., it was "
+                            f"exported as {str(want.get(part))[:16]}...: the artifact is corrupt "
+                            "or was altered; export it again")
+
+
+def _load_onnx(path: Path, threads: int | None) -> tuple[Any, dict[str, Any], dict[str, str]]:
+    """The onnxruntime session, metadata and digests of an ONNX artifact, from one read of the
+    file (what is checked is what runs)."""
+    onnx = require("onnx")
+    ort = require("onnxruntime")
+    data = path.read_bytes()
+    proto = onnx.load_from_string(data)
+    props = {p.key: p.value for p in proto.metadata_props}
+    if METADATA_KEY not in props:
+        raise EsmmError(f"{path}: an ONNX model without esmm metadata; "
+                        "export it with `esmm export`")
+    meta = json.loads(props[METADATA_KEY])
+    digests = onnx_digests(proto)
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+    return _OnnxRunner(sess), meta, digests
+
+
+def load_artifact(path: str | Path, threads: int | None = None, *, verify: bool = True
+                  ) -> Predictor:
     """Load an artifact written by :func:`export_run` (the format is read from the file).
+
+    The SHA-256 of its weights and graph are computed from what was loaded and compared with
+    the ones in its metadata (artifacts of esmm 0.2 and earlier have none: a warning).
 
     Args:
         threads: intra-op threads of the runtime (default: the runtime's own choice).
+        verify: compare the digests (export turns it off while the metadata is unfinished).
+    Raises:
+        EsmmError: the file is not an esmm artifact, or a digest does not match.
     """
     p = Path(path)
     if not p.is_file():
@@ -545,34 +628,33 @@ def load_artifact(path: str | Path, threads: int | None = None) -> Predictor:
     try:
         if magic == b"PK\x03\x04":
             module, meta = _read_metadata_torchscript(p)
+            digests = torchscript_digests(module)
             if threads:
                 torch.set_num_threads(threads)
             runner: Any = _TorchScriptRunner(module, meta["inputs"])
             fmt = "torchscript"
         else:
-            ort = require("onnxruntime")
-            opts = ort.SessionOptions()
-            if threads:
-                opts.intra_op_num_threads = threads
-                opts.inter_op_num_threads = 1
-            opts.log_severity_level = 3
-            sess = ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"])
-            props = sess.get_modelmeta().custom_metadata_map
-            if METADATA_KEY not in props:
-                raise EsmmError(f"{p}: an ONNX model without esmm metadata; "
-                                "export it with `esmm export`")
-            meta = json.loads(props[METADATA_KEY])
-            runner = _OnnxRunner(sess)
+            runner, meta, digests = _load_onnx(p, threads)
             fmt = "onnx"
     except EsmmError:
         raise
     except Exception as e:  # noqa: BLE001 - any loader failure means an unreadable artifact
+        first = next((s for s in str(e).splitlines() if s.strip()), "")
         raise EsmmError(f"{p}: cannot load as an esmm artifact (TorchScript or ONNX): "
-                        f"{type(e).__name__}: {e}") from None
+                        f"{type(e).__name__}: {first}") from None
+    if not isinstance(meta, dict):
+        raise EsmmError(f"{p}: its esmm metadata is a {type(meta).__name__}, not an object")
+    if "feature_spec" not in meta:
+        raise EsmmError(f"{p}: its esmm metadata has no 'feature_spec'; export it again with "
+                        "`esmm export`")
     if meta.get("format_version", 0) > FORMAT_VERSION:
         raise EsmmError(f"{p}: artifact format {meta['format_version']} is newer than this esmm "
                         f"supports ({FORMAT_VERSION}); upgrade esmm")
-    return Predictor(runner, meta, fmt, p)
+    if verify:
+        _verify_digests(p, meta, digests)
+    predictor = Predictor(runner, meta, fmt, p)
+    predictor.digests = digests
+    return predictor
 
 
 # ----------------------------------------------------------------------------- export
@@ -808,7 +890,8 @@ def export_run(run: str | Path, fmt: str, out: str | Path, *, parity_rows: int =
     Returns:
         the artifact's metadata (including the parity report).
     """
-    from esmm.train import load_model
+    from esmm.checkpoint import load_model
+    from esmm.fsio import atomic_path, prepare_file_output
 
     if fmt not in FORMATS:
         raise UsageError(f"--format {fmt!r}: expected one of {list(FORMATS)}")
@@ -818,7 +901,7 @@ def export_run(run: str | Path, fmt: str, out: str | Path, *, parity_rows: int =
         require("onnx")
         require("onnxruntime")
     run = Path(run)
-    out = Path(out)
+    out = prepare_file_output(out)
     model, cfg, spec, ck = load_model(run)
     if not spec.fields:
         raise UsageError(f"{run}: the model has no input fields")
@@ -841,18 +924,16 @@ def export_run(run: str | Path, fmt: str, out: str | Path, *, parity_rows: int =
     }
     if fmt == "onnx":
         meta["onnx_opset"] = ONNX_OPSET
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
+    # Written under a temporary name, checked, sealed, loaded back and verified; only then
+    # renamed to ``out``: a failure at any step leaves no file and the previous ``out`` intact.
+    with atomic_path(out) as tmp:
         _write_graph(fmt, module, spec, meta, tmp)
-        predictor = load_artifact(tmp)
+        predictor = load_artifact(tmp, verify=False)
         meta["parity"] = check_parity(model, cfg, spec, predictor, rows=parity_rows, tol=tol)
+        meta[DIGEST_KEY] = predictor.digests
         del predictor
         _rewrite_metadata(fmt, tmp, meta)
-        os.replace(tmp, out)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+        load_artifact(tmp)
     log.info("exported %s (%s) to %s; parity max abs diff %s", run, fmt, out,
              {k: f"{v:.2g}" for k, v in meta["parity"]["max_abs_diff"].items()})
     return meta

@@ -105,3 +105,53 @@ def write_bytes(path: str | Path, data: bytes) -> None:
     """Atomically replace ``path`` with ``data``."""
     with atomic_write(path, "wb") as f:
         f.write(data)
+
+
+def _file_ancestor(path: Path) -> Path | None:
+    """The nearest existing ancestor of ``path`` that is not a folder, if any."""
+    for parent in path.parents:
+        if parent.exists():
+            return None if parent.is_dir() else parent
+    return None
+
+
+def prepare_file_output(path: str | Path, option: str = "--out") -> Path:
+    """Check that ``path`` can be written as a file and create its folder.
+
+    Raises:
+        UsageError: ``path`` is an existing folder, or one of its parents is a file.
+    """
+    from esmm.errors import EsmmError, UsageError
+
+    p = Path(path)
+    if p.is_dir():
+        raise UsageError(f"{option} {p}: is a folder; expected a file name")
+    blocker = _file_ancestor(p)
+    if blocker is not None:
+        raise UsageError(f"{option} {p}: {blocker} is a file, not a folder")
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise EsmmError(f"{option} {p}: cannot create its folder ({e.strerror})") from None
+    return p
+
+
+def prepare_dir_output(path: str | Path, option: str = "--out") -> Path:
+    """Check that ``path`` can be used as an output folder and create it.
+
+    Raises:
+        UsageError: ``path`` or one of its parents is an existing file.
+    """
+    from esmm.errors import EsmmError, UsageError
+
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise UsageError(f"{option} {p}: is a file; expected a folder")
+    blocker = _file_ancestor(p)
+    if blocker is not None:
+        raise UsageError(f"{option} {p}: {blocker} is a file, not a folder")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise EsmmError(f"{option} {p}: cannot create it ({e.strerror})") from None
+    return p

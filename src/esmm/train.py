@@ -2,22 +2,24 @@
 
 Run directory layout::
 
+    RUN/.lock                  held (fcntl.flock) while a training writes the folder
     RUN/config.yaml            resolved config
-    RUN/checkpoints/latest.pt  resumable; at an evaluation (atomically, at most once per
+    RUN/checkpoints/latest.pt  resumable; at an evaluation (at most once per
                                ``train.checkpoint_interval_s``) and at the end
     RUN/checkpoints/best.pt    the best evaluation so far by the monitored metric (weights only)
     RUN/history.csv            one row per evaluation
     RUN/metrics.json           final metrics of the best checkpoint, with the split they came from
     RUN/tb/                    TensorBoard events
 
-A checkpoint carries the config, the feature spec, the step, the best metric and the package
-version; ``latest.pt`` also holds optimizer and data-order state, so ``resume=True`` continues a
-killed run to the same result as an uninterrupted one.
+Every file is written atomically (:mod:`esmm.fsio`). A checkpoint carries the config, the
+feature spec, the step, the best metric and the package version as plain values, and a SHA-256
+of its tensors (:mod:`esmm.checkpoint`); ``latest.pt`` also holds optimizer and data-order
+state, so ``resume=True`` continues a killed run to the same result as an uninterrupted one. A
+run killed before its first ``latest.pt`` starts again from step 0.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
@@ -34,24 +36,36 @@ import torch
 from torch import nn
 
 import esmm
-from esmm.config import (
-    Config,
-    check_data_paths,
-    config_from_dict,
-    dump_config,
-    resolve_monitor,
+from esmm.checkpoint import (
+    checkpoint_entry,
+    find_checkpoint,
+    load_checkpoint,
+    load_model,
+    load_weights,
+    prepare_run,
+    read_history,
+    run_lock,
+    save_atomic,
+    save_checkpoint,
+    write_history,
 )
-from esmm.data.batches import num_batches, read_ahead
+from esmm.config import Config, check_data_paths, dump_config, resolve_monitor
+from esmm.data.batches import Batch, num_batches, read_ahead
 from esmm.data.stream import Split, open_split, split_batches
 from esmm.errors import ConfigError, EsmmError, UsageError
 from esmm.evaluate import evaluate
 from esmm.features import FeatureSpec, spec_from_config
+from esmm.fsio import write_text
 from esmm.losses import check_gradients
-from esmm.models import MultiTaskModel, build_model
+from esmm.models import build_model
 from esmm.nn.embedding import EmbeddingCollection
 from esmm.optim import RowSparseAdam
 
 log = logging.getLogger(__name__)
+
+__all__ = ["Progress", "TrainResult", "Trainer", "build_optimizers", "find_checkpoint",
+           "load_checkpoint", "load_model", "monitor_value", "resolve_device", "save_atomic",
+           "split_parameters", "train"]
 
 
 @dataclass
@@ -126,54 +140,6 @@ def build_optimizers(model: nn.Module, cfg: Config) -> list[torch.optim.Optimize
     return opts
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def save_atomic(obj: Any, path: Path) -> None:
-    """Write with torch.save to a temporary file, then rename: a crash never leaves half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        raise EsmmError(f"checkpoint {p} does not exist")
-    try:
-        return torch.load(p, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
-        raise EsmmError(f"checkpoint {p} cannot be read: {e}") from None
-
-
-def find_checkpoint(run: str | Path, which: str = "best") -> Path:
-    """The checkpoint of a run directory (``best``, falling back to ``latest``), or a file."""
-    p = Path(run)
-    if p.is_file():
-        return p
-    for name in (which, "latest"):
-        c = p / "checkpoints" / f"{name}.pt"
-        if c.is_file():
-            return c
-    raise UsageError(f"{p}: not a run directory (no checkpoints/{which}.pt); "
-                     "pass the --out folder of `esmm train`")
-
-
-def load_model(run: str | Path, which: str = "best"
-               ) -> tuple[MultiTaskModel, Config, FeatureSpec, dict[str, Any]]:
-    """Rebuild a trained model from a run directory or checkpoint file (eval mode)."""
-    ck = load_checkpoint(find_checkpoint(run, which))
-    cfg = config_from_dict(ck["config"], source=f"checkpoint of {run}")
-    spec = FeatureSpec.from_dict(ck["feature_spec"])
-    model = build_model(cfg, spec)
-    model.load_state_dict(ck["model"])
-    model.eval()
-    return model, cfg, spec, ck
-
-
 # ----------------------------------------------------------------------------- the loop
 
 
@@ -226,36 +192,30 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False,
     """Train ``cfg.model`` on ``cfg.data.train``, evaluating on ``cfg.data.eval``.
 
     Args:
-        out_dir: the run directory (created).
-        resume: continue from ``out_dir/checkpoints/latest.pt``; the config must match.
+        out_dir: the run directory (created; held with a lock file while training, see
+            :mod:`esmm.checkpoint`).
+        resume: continue from ``out_dir/checkpoints/latest.pt``; the config must match. A run
+            stopped before its first ``latest.pt`` starts again from step 0.
         train_data / eval_data: already-opened splits (skips reading ``cfg.data``).
         on_step: called after every optimizer step with the global step.
     """
     # A misspelt monitor, a mode against its direction or a missing path fails before any work.
-    monitor, mode = resolve_monitor(cfg)
+    resolve_monitor(cfg)
     check_data_paths(cfg, [k for k, given in (("train", train_data), ("eval", eval_data))
                            if given is None])
     run = Path(out_dir)
-    ck_dir = run / "checkpoints"
-    latest = ck_dir / "latest.pt"
-    if resume:
-        if not latest.is_file():
-            raise UsageError(f"--resume: {latest} does not exist; nothing to resume")
-    elif ck_dir.exists() and any(ck_dir.iterdir()):
-        raise UsageError(f"{run} already holds a run (checkpoints/ is not empty); "
-                         "pass --resume to continue it or choose another --out")
-    ck_dir.mkdir(parents=True, exist_ok=True)
+    if resume and not run.exists():
+        raise UsageError(f"--resume: {run} does not exist; nothing to resume")
+    with run_lock(run):
+        return _train_locked(cfg, run, resume, train_data, eval_data, on_step)
 
-    state: dict[str, Any] | None = None
-    if resume:
-        state = load_checkpoint(latest)
-        if state["config"] != cfg.to_dict():
-            old, new = state["config"], cfg.to_dict()
-            diff = [k for k in new if old.get(k) != new.get(k)]
-            raise ConfigError(f"--resume: the config differs from the run's in section(s) {diff}; "
-                              "resume with the same config (see RUN/config.yaml)")
+
+def _train_locked(cfg: Config, run: Path, resume: bool, train_data: Split | None,
+                  eval_data: Split | None, on_step: Callable[[int], None] | None
+                  ) -> TrainResult:
+    state, restarted = prepare_run(run, resume, cfg.to_dict())
+    (run / "checkpoints").mkdir(parents=True, exist_ok=True)
     dump_config(cfg, run / "config.yaml")
-
     tc = cfg.train
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
@@ -270,207 +230,289 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False,
         eval_data = open_split(cfg.data.eval, spec, cfg.data)
     log.info("train rows: %d (dropped %d conversion-without-click)", train_data.n,
              train_data.dropped_conversion_without_click)
-
-    device = resolve_device(tc.device)
-    model = build_model(cfg, spec).to(device)
-    opts = build_optimizers(model, cfg)
-
-    steps_per_epoch = num_batches(train_data.n, tc.batch_size)
-    total_steps = steps_per_epoch * tc.epochs
-    if tc.max_steps:
-        total_steps = min(total_steps, tc.max_steps)
-    eval_every = tc.eval_every or steps_per_epoch
-
-    step = 0
-    samples = 0
-    epoch = 0
-    batch_in_epoch = 0
-    best: float | None = None
-    best_step: int | None = None
-    bad_evals = 0
-    elapsed_before = 0.0
-    loss_sums: dict[str, float] = {}
-    loss_count = 0
+    trainer = Trainer(cfg, spec, run, train_data, eval_data, resolve_device(tc.device), on_step)
     if state is not None:
-        model.load_state_dict(state["model"])
+        trainer.load_state_dict(state, run / "checkpoints" / "latest.pt")
+        log.info("resuming %s at step %d (epoch %d, batch %d)", run, trainer.progress.step,
+                 trainer.progress.epoch, trainer.progress.batch_in_epoch)
+    return trainer.fit(purge_tensorboard=state is not None or restarted)
+
+
+@dataclass
+class Progress:
+    """Where a run stands: what ``latest.pt`` records beside the weights and optimizer state."""
+
+    step: int = 0
+    samples: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    best_metric: float | None = None
+    best_step: int | None = None
+    bad_evals: int = 0
+    elapsed_s: float = 0.0  # training time before this process took over
+
+
+class Trainer:
+    """One model, its optimizers and data, trained step by step into a run folder.
+
+    Read top to bottom: :meth:`step` is one optimizer step on a batch (no host sync: the
+    losses are summed on the device); :meth:`end_interval` closes a logging interval (mean
+    losses, the finiteness check, evaluation, best and latest checkpoints, history);
+    :meth:`fit` runs epochs of steps until the step budget, the epochs or early stopping end
+    it; :meth:`state_dict` / :meth:`load_state_dict` are the checkpoint contents.
+    """
+
+    def __init__(self, cfg: Config, spec: FeatureSpec, run: Path, train_data: Split,
+                 eval_data: Split | None, device: torch.device,
+                 on_step: Callable[[int], None] | None = None) -> None:
+        self.cfg, self.tc, self.spec, self.run = cfg, cfg.train, spec, run
+        self.train_data, self.eval_data, self.device, self.on_step = (
+            train_data, eval_data, device, on_step)
+        self.model = build_model(cfg, spec).to(device)
+        self.opts = build_optimizers(self.model, cfg)
+        self.monitor, self.mode = resolve_monitor(cfg)
+        self.steps_per_epoch = num_batches(train_data.n, self.tc.batch_size)
+        total = self.steps_per_epoch * self.tc.epochs
+        self.total_steps = min(total, self.tc.max_steps) if self.tc.max_steps else total
+        self.eval_every = self.tc.eval_every or self.steps_per_epoch
+        self.progress = Progress()
+        self.history: list[dict[str, Any]] = []
+        # Per-loss sums of the current logging interval, float64 on the device: adding a
+        # float32 loss to them is exact as a Python float sum would be, without a sync.
+        self._loss_sums: dict[str, torch.Tensor] = {}
+        self._loss_count = 0
+        self._interval_start = 0
+        self._t0 = time.perf_counter()
+        self._latest_at = (0, self._t0)  # (step, time) of the newest latest.pt
+
+    # ------------------------------------------------------------------------- state
+
+    @property
+    def ck_dir(self) -> Path:
+        return self.run / "checkpoints"
+
+    def elapsed(self) -> float:
+        """Training seconds of the run, across resumes."""
+        return self.progress.elapsed_s + (time.perf_counter() - self._t0)
+
+    def state_dict(self, resumable: bool = True) -> dict[str, Any]:
+        """The checkpoint payload: tensors and plain values only.
+
+        ``resumable`` adds the optimizer and RNG states that ``latest.pt`` needs; ``best.pt``
+        holds weights and metadata, about a third of the size with Adam-family optimizers.
+        """
+        p = self.progress
+        extra: dict[str, Any] = {}
+        if resumable:
+            extra = {"optimizers": [o.state_dict() for o in self.opts],
+                     "torch_rng": torch.get_rng_state(),
+                     "cuda_rng": (torch.cuda.get_rng_state(self.device)
+                                  if self.device.type == "cuda" else None)}
+        return {
+            "model": self.model.state_dict(), **extra,
+            "config": self.cfg.to_dict(), "feature_spec": self.spec.to_dict(),
+            "step": p.step, "epoch": p.epoch, "batch_in_epoch": p.batch_in_epoch,
+            "samples": p.samples, "best_metric": p.best_metric, "best_step": p.best_step,
+            "bad_evals": p.bad_evals, "monitor": self.monitor, "version": esmm.__version__,
+            "elapsed_s": self.elapsed(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any], source: Path) -> None:
+        """Continue from a ``latest.pt`` payload (weights, optimizers, RNG, progress)."""
+        load_weights(self.model, checkpoint_entry(state, "model", source), source)
         try:
-            for o, s in zip(opts, state["optimizers"], strict=True):
+            for o, s in zip(self.opts, checkpoint_entry(state, "optimizers", source),
+                            strict=True):
                 o.load_state_dict(s)
         except ValueError as e:
-            raise EsmmError(f"--resume: the optimizer state in {latest} does not fit this "
+            raise EsmmError(f"--resume: the optimizer state in {source} does not fit this "
                             f"model's parameters ({e}); it was written by esmm "
                             f"{state.get('version', '?')} (this is {esmm.__version__}): resume "
                             "with that version, or start a new run from its weights") from None
-        torch.set_rng_state(state["torch_rng"])
-        if device.type == "cuda" and state.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(state["cuda_rng"], device)
-        step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-        samples = state.get("samples", 0)
-        best, best_step, bad_evals = state["best_metric"], state["best_step"], state["bad_evals"]
-        elapsed_before = state.get("elapsed_s", 0.0)
-        log.info("resuming %s at step %d (epoch %d, batch %d)", run, step, epoch, batch_in_epoch)
+        torch.set_rng_state(checkpoint_entry(state, "torch_rng", source))
+        if self.device.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+        self.progress = Progress(
+            step=state["step"], samples=state.get("samples", 0), epoch=state["epoch"],
+            batch_in_epoch=state["batch_in_epoch"], best_metric=state["best_metric"],
+            best_step=state["best_step"], bad_evals=state["bad_evals"],
+            elapsed_s=state.get("elapsed_s", 0.0))
+        self.history = read_history(self.run / "history.csv", self.progress.step)
+        self._interval_start = self.progress.step
 
-    history_path = run / "history.csv"
-    history_rows: list[dict[str, Any]] = []
-    if state is not None and history_path.exists():
-        with open(history_path, newline="") as f:
-            history_rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
+    def save(self, name: str, resumable: bool = True) -> None:
+        save_checkpoint(self.state_dict(resumable), self.ck_dir / name)
 
-    from torch.utils.tensorboard import SummaryWriter
+    # ------------------------------------------------------------------------- one step
 
-    tb = SummaryWriter(str(run / "tb"), purge_step=step if state is not None else None)
+    def step(self, batch: Batch) -> torch.Tensor:
+        """One optimizer step on ``batch``. Returns the total loss, a 0-d tensor (not synced)."""
+        batch = batch.to(self.device)
+        losses = self.model.losses(self.model(batch), batch)
+        total = sum(losses.values())
+        for o in self.opts:
+            o.zero_grad(set_to_none=True)
+        total.backward()
+        if self.device.type == "cpu":
+            # Names a non-finite gradient before it reaches the weights. On the CPU the check
+            # is only arithmetic; on an accelerator it would sync every step, so there the
+            # interval's loss check catches the divergence instead.
+            check_gradients(self.model, self.progress.step + 1)
+        for o in self.opts:
+            o.step()
+        for k, v in losses.items():
+            d = v.detach().double()
+            self._loss_sums[k] = self._loss_sums[k] + d if k in self._loss_sums else d
+        self._loss_count += 1
+        p = self.progress
+        p.step += 1
+        p.samples += batch.size
+        p.batch_in_epoch += 1
+        return total.detach()
 
-    def checkpoint(path: Path, resumable: bool = True) -> None:
-        # Only latest.pt needs optimizer state (to resume); best.pt carries weights and metadata,
-        # which keeps it at about a third of the size with Adam-family optimizers.
-        extra: dict[str, Any] = {}
-        if resumable:
-            extra = {"optimizers": [o.state_dict() for o in opts],
-                     "torch_rng": torch.get_rng_state(),
-                     "cuda_rng": (torch.cuda.get_rng_state(device) if device.type == "cuda"
-                                  else None)}
-        save_atomic({
-            "model": model.state_dict(),
-            **extra,
-            "config": cfg.to_dict(),
-            "feature_spec": spec.to_dict(),
-            "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "samples": samples,
-            "best_metric": best, "best_step": best_step, "bad_evals": bad_evals,
-            "monitor": monitor, "version": esmm.__version__,
-            "elapsed_s": elapsed_before + (time.perf_counter() - t0),
-        }, path)
+    # ------------------------------------------------------------------------- an interval
 
-    def write_history() -> None:
-        names: list[str] = []
-        for r in history_rows:
-            for k in r:
-                if k not in names:
-                    names.append(k)
-        tmp = history_path.with_suffix(".csv.tmp")
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=names)
-            w.writeheader()
-            w.writerows(history_rows)
-        os.replace(tmp, history_path)
+    def mean_losses(self) -> dict[str, float]:
+        """Mean losses of the interval (one host sync); a non-finite one is an error."""
+        if not self._loss_sums:
+            return {}
+        names = list(self._loss_sums)
+        means = (torch.stack([self._loss_sums[k] for k in names]) / self._loss_count).tolist()
+        out = dict(zip(names, means, strict=True))
+        if not all(math.isfinite(v) for v in means):
+            raise EsmmError(f"loss became non-finite between steps {self._interval_start + 1} "
+                            f"and {self.progress.step} (interval means {out}); lower "
+                            "train.optimizer.lr or check the data")
+        self._loss_sums, self._loss_count = {}, 0
+        self._interval_start = self.progress.step
+        return out
 
-    from tqdm.auto import tqdm
+    def evaluate(self) -> dict[str, float]:
+        """Metrics of the model on the eval split."""
+        if self.eval_data is None:
+            raise ConfigError("data.eval is not set: there is no split to evaluate on")
+        return evaluate(self.model, self.eval_data, self.tc.eval_batch_size)
 
-    bar = tqdm(total=total_steps * tc.batch_size, initial=min(step * tc.batch_size,
-               total_steps * tc.batch_size), unit="samples", unit_scale=True,
-               desc=f"train {cfg.model.name}", disable=not _progress_enabled(tc.progress),
-               dynamic_ncols=True)
-    t0 = time.perf_counter()
-    stopped_early = False
-    latest_at = (step, time.perf_counter())  # (step, time) of the newest latest.pt
-    model.train()
-    try:
-        while step < total_steps and epoch < tc.epochs:
-            with closing(read_ahead(split_batches(train_data, tc.batch_size, shuffle=True,
-                                                seed=tc.seed, epoch=epoch,
-                                                start_batch=batch_in_epoch,
-                                                block=tc.shuffle_block),
-                                  cfg.data.read_ahead)) as batches:
+    def end_interval(self, tb: Any) -> bool:
+        """Log, evaluate and checkpoint at the end of a logging interval.
+
+        Returns:
+            whether early stopping ends the run here.
+        """
+        p = self.progress
+        row: dict[str, Any] = {"step": p.step, "epoch": p.epoch, "samples": p.samples,
+                               "elapsed_s": round(self.elapsed(), 3)}
+        for k, v in self.mean_losses().items():
+            row[k] = v
+            tb.add_scalar(f"train/{k}", v, p.step)
+        if self.eval_data is not None:
+            self._evaluate_into(row, tb)
+        self.history.append(row)
+        write_history(self.run / "history.csv", self.history)
+        # latest.pt holds optimizer state (3x the weights with Adam), so writing it at every
+        # evaluation can cost more than the evaluation; it is throttled.
+        if time.perf_counter() - self._latest_at[1] >= self.tc.checkpoint_interval_s:
+            self.save("latest.pt")
+            self._latest_at = (p.step, time.perf_counter())
+        tb.flush()
+        patience = self.tc.early_stop.patience
+        if self.eval_data is not None and patience and p.bad_evals >= patience:
+            log.info("early stop at step %d: %s has not improved for %d evaluations", p.step,
+                     self.monitor, p.bad_evals)
+            return True
+        return False
+
+    def _evaluate_into(self, row: dict[str, Any], tb: Any) -> None:
+        p = self.progress
+        metrics = self.evaluate()
+        row.update(metrics)
+        value = row["monitor"] = monitor_value(metrics, self.monitor)
+        for k, v in metrics.items():
+            if isinstance(v, float) and not math.isnan(v):
+                tb.add_scalar(f"eval/{k}", v, p.step)
+        if _is_better(value, p.best_metric, self.mode):
+            p.best_metric, p.best_step, p.bad_evals = value, p.step, 0
+            self.save("best.pt", resumable=False)
+        else:
+            p.bad_evals += 1
+        log.info("step %d: %s=%.5f (best %.5f at step %s)", p.step, self.monitor, value,
+                 p.best_metric if p.best_metric is not None else float("nan"), p.best_step)
+
+    # ------------------------------------------------------------------------- the run
+
+    def fit(self, purge_tensorboard: bool = False) -> TrainResult:
+        """Train to the end (steps, epochs or early stopping), then score the best checkpoint
+        and write ``metrics.json``."""
+        from torch.utils.tensorboard import SummaryWriter
+        from tqdm.auto import tqdm
+
+        tc, p = self.tc, self.progress
+        total = self.total_steps * tc.batch_size
+        bar = tqdm(total=total, initial=min(p.step * tc.batch_size, total), unit="samples",
+                   unit_scale=True, desc=f"train {self.cfg.model.name}",
+                   disable=not _progress_enabled(tc.progress), dynamic_ncols=True)
+        # purge_step hides the events a killed run logged past the step this run starts from.
+        tb = SummaryWriter(str(self.run / "tb"), purge_step=p.step if purge_tensorboard else None)
+        self._t0 = time.perf_counter()
+        self._latest_at = (p.step, self._t0)
+        self.model.train()
+        try:
+            stopped_early = self._run_epochs(bar, tb)
+        finally:
+            bar.close()
+            tb.close()
+        return self._finish(stopped_early)
+
+    def _run_epochs(self, bar: Any, tb: Any) -> bool:
+        """Epochs of steps from where the run stands. Returns whether it stopped early."""
+        tc, p = self.tc, self.progress
+        while p.step < self.total_steps and p.epoch < tc.epochs:
+            batches = read_ahead(split_batches(self.train_data, tc.batch_size, shuffle=True,
+                                               seed=tc.seed, epoch=p.epoch,
+                                               start_batch=p.batch_in_epoch,
+                                               block=tc.shuffle_block), self.cfg.data.read_ahead)
+            with closing(batches):
                 for batch in batches:
-                    batch = batch.to(device)
-                    out = model(batch)
-                    losses = model.losses(out, batch)
-                    total = sum(losses.values())
-                    if not torch.isfinite(total):
-                        raise EsmmError(f"loss became {total.item()} at step {step + 1} "
-                                        f"({ {k: v.item() for k, v in losses.items()} }); "
-                                        "lower train.optimizer.lr or check the data")
-                    for o in opts:
-                        o.zero_grad(set_to_none=True)
-                    total.backward()
-                    check_gradients(model, step + 1)
-                    for o in opts:
-                        o.step()
-                    step += 1
-                    samples += batch.size
-                    batch_in_epoch += 1
-                    for k, v in losses.items():
-                        loss_sums[k] = loss_sums.get(k, 0.0) + v.item()
-                    loss_count += 1
+                    total = self.step(batch)
                     bar.update(batch.size)
-                    if step % 20 == 0:
+                    if not bar.disable and p.step % 20 == 0:
                         bar.set_postfix(loss=f"{total.item():.4f}", refresh=False)
-                    if on_step is not None:
-                        on_step(step)
-                    end_of_epoch = batch_in_epoch >= steps_per_epoch
+                    if self.on_step is not None:
+                        self.on_step(p.step)
+                    end_of_epoch = p.batch_in_epoch >= self.steps_per_epoch
                     if end_of_epoch:
-                        epoch += 1
-                        batch_in_epoch = 0
-                    if step % eval_every == 0 or step >= total_steps or end_of_epoch:
-                        row: dict[str, Any] = {
-                            "step": step, "epoch": epoch, "samples": samples,
-                            "elapsed_s": round(elapsed_before + time.perf_counter() - t0, 3),
-                        }
-                        for k, v in loss_sums.items():
-                            row[k] = v / max(loss_count, 1)
-                            tb.add_scalar(f"train/{k}", row[k], step)
-                        loss_sums, loss_count = {}, 0
-                        if eval_data is not None:
-                            metrics = evaluate(model, eval_data, tc.eval_batch_size)
-                            row.update(metrics)
-                            row["monitor"] = monitor_value(metrics, monitor)
-                            value = row["monitor"]
-                            for k, v in metrics.items():
-                                if isinstance(v, float) and not math.isnan(v):
-                                    tb.add_scalar(f"eval/{k}", v, step)
-                            if _is_better(value, best, mode):
-                                best, best_step, bad_evals = value, step, 0
-                                checkpoint(ck_dir / "best.pt", resumable=False)
-                            else:
-                                bad_evals += 1
-                            log.info("step %d: %s=%.5f (best %.5f at step %s)", step, monitor,
-                                     value, best if best is not None else float("nan"), best_step)
-                        history_rows.append(row)
-                        write_history()
-                        # latest.pt holds optimizer state (3x the weights with Adam), so writing it
-                        # at every evaluation can cost more than the evaluation; it is throttled.
-                        if time.perf_counter() - latest_at[1] >= tc.checkpoint_interval_s:
-                            checkpoint(latest)
-                            latest_at = (step, time.perf_counter())
-                        tb.flush()
-                        if (eval_data is not None and tc.early_stop.patience
-                                and bad_evals >= tc.early_stop.patience):
-                            stopped_early = True
-                            log.info("early stop at step %d: %s has not improved for %d "
-                                     "evaluations", step, monitor, bad_evals)
-                            break
-                    if step >= total_steps:
+                        p.epoch += 1
+                        p.batch_in_epoch = 0
+                    if (p.step % self.eval_every == 0 or p.step >= self.total_steps
+                            or end_of_epoch) and self.end_interval(tb):
+                        return True
+                    if p.step >= self.total_steps or end_of_epoch:
                         break
-                    if end_of_epoch:
-                        break
-            if stopped_early:
-                break
-    finally:
-        bar.close()
-        tb.close()
+        return False
 
-    if latest_at[0] != step:
-        checkpoint(latest)
-    if eval_data is None:
-        checkpoint(ck_dir / "best.pt", resumable=False)
-        best_step = step
-    final_metrics: dict[str, float] = {}
-    best_ck = load_checkpoint(ck_dir / "best.pt")
-    model.load_state_dict(best_ck["model"])
-    if eval_data is not None:
-        final_metrics = evaluate(model, eval_data, tc.eval_batch_size)
-    report = {
-        "split": "eval" if eval_data is not None else None,
-        "data": cfg.data.eval if eval_data is not None else None,
-        "model": cfg.model.name,
-        "step": best_step,
-        "monitor": monitor,
-        "best_metric": best,
-        "stopped_early": stopped_early,
-        "metrics": final_metrics,
-        "version": esmm.__version__,
-    }
-    (run / "metrics.json").write_text(json.dumps(report, indent=2, default=_json_default))
-    return TrainResult(run, step, best_step, best, monitor, final_metrics, stopped_early)
+    def _finish(self, stopped_early: bool) -> TrainResult:
+        """Final checkpoints, the best checkpoint's metrics and ``metrics.json``."""
+        p = self.progress
+        if self._latest_at[0] != p.step:
+            self.save("latest.pt")
+        if self.eval_data is None:
+            p.best_step = p.step
+            self.save("best.pt", resumable=False)
+        best_path = self.ck_dir / "best.pt"
+        load_weights(self.model, checkpoint_entry(load_checkpoint(best_path), "model",
+                                                  best_path), best_path)
+        metrics = self.evaluate() if self.eval_data is not None else {}
+        report = {
+            "split": "eval" if self.eval_data is not None else None,
+            "data": self.cfg.data.eval if self.eval_data is not None else None,
+            "model": self.cfg.model.name, "step": p.best_step, "monitor": self.monitor,
+            "best_metric": p.best_metric, "stopped_early": stopped_early, "metrics": metrics,
+            "version": esmm.__version__,
+        }
+        write_text(self.run / "metrics.json",
+                   json.dumps(report, indent=2, default=_json_default))
+        return TrainResult(self.run, p.step, p.best_step, p.best_metric, self.monitor, metrics,
+                           stopped_early)
 
 
 def _json_default(o: Any) -> Any:

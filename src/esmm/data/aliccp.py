@@ -58,6 +58,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from esmm.errors import DataError, UsageError
+from esmm.fsio import prepare_dir_output, write_text
 
 log = logging.getLogger(__name__)
 
@@ -1122,7 +1123,7 @@ def ingest(skeleton: str | Path, common: str | Path, out: str | Path, *,
     for p, what in ((skeleton, "skeleton"), (common, "common features")):
         if not p.is_file():
             raise DataError(f"{p}: no such {what} file")
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_dir_output(out, "--out")
     for name in ("impressions", "users"):
         target = out / name
         if target.exists() and any(target.iterdir()):
@@ -1164,7 +1165,7 @@ def ingest(skeleton: str | Path, common: str | Path, out: str | Path, *,
     imp_stats.extra["key_runs_not_consecutive"] = job.runs_reopened
     user_stats.extra["keys_without_impressions"] = int(np.count_nonzero(~job.used))
     summary = _summary(job, imp_stats, user_stats, time.perf_counter() - t0)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     _log_summary(summary)
     return summary
 
@@ -1362,5 +1363,5 @@ def simulate_raw(out_dir: str | Path, cfg: Any, rows: dict[str, int], seed: int,
         shutil.rmtree(tmp, ignore_errors=True)
     info["format"] = "aliccp-raw"
     info["files"] = files
-    (out / "simulation.json").write_text(json.dumps(info, indent=2) + "\n")
+    write_text(out / "simulation.json", json.dumps(info, indent=2) + "\n")
     return info
