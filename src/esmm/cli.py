@@ -211,7 +211,8 @@ def predict(
                 writer.close()
         typer.echo(f"wrote {stream.n} rows to {out}")
         return
-    raw = read_tables(data, cfg.data, columns=needed_columns(spec, cfg.data) + list(keep))
+    raw = read_tables(data, cfg.data, columns=needed_columns(spec, cfg.data) + list(keep),
+                      spec=spec)
     split = encode(raw, spec, cfg.data, require_labels=False)
     preds = predict_arrays(model, split, batch_size)
     cols = {}

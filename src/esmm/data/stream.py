@@ -32,16 +32,19 @@ from esmm.data.tables import (
     UserSide,
     _labels_array,
     _parquet_files,
+    _parquet_schema,
     _read_parquet,
     _schema_names,
+    check_schemas,
     encode,
     encode_users,
+    file_format,
     load_split,
     needed_columns,
     normalized_parts,
 )
 from esmm.errors import ConfigError, DataError
-from esmm.features import FeatureSpec, take_ragged
+from esmm.features import FeatureSpec, Rows, encode_dense, take_ragged
 
 log = logging.getLogger(__name__)
 
@@ -85,43 +88,27 @@ class ParquetStream:
         if self.keep and require_labels:
             raise ValueError("keep needs require_labels=False: kept columns follow every row")
         want = list(dict.fromkeys([*needed_columns(spec, cfg), *(columns or ()), *self.keep]))
-        self.impression_columns = tuple(_schema_names(imp_path))
+        # Every file must hold every column the split reads, checked before any row is.
+        schemas = [(str(f), _parquet_schema(f)) for f in files]
+        check_schemas(schemas, want, spec)
+        self.impression_columns = tuple(dict.fromkeys(c for _, s in schemas for c in s.names))
         missing = [k for k in self.keep if k not in self.impression_columns]
         if missing:
             raise DataError(f"{p}: no column {missing[0]!r} among the impressions' columns "
                             f"{list(self.impression_columns)[:40]}")
-        self.available = tuple(_schema_names(imp_path)
-                               + (_schema_names(users_path) if users_path else []))
+        self.available = self.impression_columns + (
+            tuple(_schema_names(users_path)) if users_path else ())
         self.users: UserSide | None = None
         if users_path is not None:
-            users = _read_parquet(users_path, want)
-            self.users = encode_users(users, _schema_names(imp_path), spec, cfg, self.source)
+            users, user_rows = _read_parquet(users_path, want, spec)
+            self.users = encode_users(users, self.impression_columns, spec, cfg, self.source,
+                                      user_rows)
             del users
         self.units: list[_Unit] = []
         self.rows_read = self.dropped_conversion_without_click = 0
         self.kept_conversion_without_click = 0
-        kept_total = 0
         self._columns = want
-        for f in files:
-            if f.stat().st_size == 0:
-                raise DataError(f"{f}: the file is empty (0 bytes)")
-            try:
-                pf = pq.ParquetFile(f)
-            except (pa.ArrowInvalid, OSError) as e:
-                raise DataError(f"{f}: cannot read as Parquet: {e}") from None
-            first_row = 0
-            for rg in range(pf.num_row_groups):
-                rows = pf.metadata.row_group(rg).num_rows
-                if rows == 0:
-                    continue
-                kept = rows
-                if require_labels:
-                    kept = rows - self._count_dropped(pf, f, rg, first_row)
-                self.units.append(_Unit(f, rg, kept, first_row, kept_total))
-                first_row += rows
-                kept_total += kept
-                self.rows_read += rows
-        self.n = kept_total
+        self.n = self._scan(files)
         if self.rows_read == 0:
             raise DataError(f"{self.source}: the table has no rows")
         if self.n == 0:
@@ -138,11 +125,39 @@ class ParquetStream:
         # Fail on a bad feature column now, not an epoch into training.
         next(self.chunks(units=self.units[:1]), None)
 
+    def _scan(self, files: Sequence[Path]) -> int:
+        """Read the labels and dense columns of every row group once: validate them, count the
+        rows an epoch keeps, and list the units. Returns the kept rows."""
+        kept_total = 0
+        dense = [f for f in self.spec.dense if f.name in self.impression_columns]
+        for f in files:
+            try:
+                pf = pq.ParquetFile(f)
+            except (pa.ArrowInvalid, OSError) as e:
+                raise DataError(f"{f}: cannot read as Parquet: {e}") from None
+            first_row = 0
+            for rg in range(pf.num_row_groups):
+                rows = pf.metadata.row_group(rg).num_rows
+                if rows == 0:
+                    continue
+                kept = rows
+                if self.require_labels:
+                    kept = rows - self._count_dropped(pf, f, rg, first_row)
+                if dense:
+                    t = pf.read_row_group(rg, columns=[d.name for d in dense])
+                    for d in dense:
+                        encode_dense(t.column(d.name), d, Rows(((str(f), 0, first_row),)))
+                self.units.append(_Unit(f, rg, kept, first_row, kept_total))
+                first_row += rows
+                kept_total += kept
+                self.rows_read += rows
+        return kept_total
+
     def _count_dropped(self, pf: pq.ParquetFile, f: Path, rg: int, first_row: int) -> int:
         labels = self.cfg.labels
         cols = [c for c in (labels.click, labels.conversion) if c in pf.schema_arrow.names]
         t = pf.read_row_group(rg, columns=cols)
-        src = f"{f}, row group {rg}"
+        src = str(f)
         click = _labels_array(t, labels.click, src, "click", first_row)
         conv = _labels_array(t, labels.conversion, src, "conversion", first_row)
         bad = (conv == 1) & (click == 0)
@@ -173,9 +188,9 @@ class ParquetStream:
             for rb in pf.iter_batches(batch_size=self.cfg.chunk_rows, row_groups=[u.row_group],
                                       columns=cols):
                 raw = RawTables(f"{u.file}", pa.Table.from_batches([rb]),
-                                available=self.available)
+                                available=self.available, rows=Rows(((str(u.file), 0, row),)))
                 chunk = encode(raw, self.spec, self.cfg, self.require_labels, users=self.users,
-                               row_offset=row, quiet=True)
+                               quiet=True)
                 chunk.row_ids = np.arange(kept, kept + chunk.n, dtype=np.int64)
                 chunk.extra = {k: rb.column(k) for k in self.keep}
                 row += rb.num_rows
@@ -245,10 +260,8 @@ def open_split(path: str | Path, spec: FeatureSpec, cfg: DataConfig, require_lab
 def resolve_loader(path: str | Path, cfg: DataConfig, loader: str | None = None) -> str:
     """``stream`` or ``memory`` for ``path``, as ``loader`` (else ``data.loader``) says."""
     how = loader or cfg.loader
-    fmt = cfg.format
     p = Path(path)
-    if fmt == "auto":
-        fmt = "csv" if p.is_file() and p.suffix.lower() in (".csv", ".txt") else "parquet"
+    fmt = file_format(p, cfg)
     if how == "auto":
         how = "stream" if fmt == "parquet" else "memory"
     if how == "stream" and fmt != "parquet":
