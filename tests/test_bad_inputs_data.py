@@ -339,6 +339,32 @@ def test_an_id_column_integer_in_one_file_and_string_in_another(tmp_path, loader
     assert code == 0, text
 
 
+@pytest.mark.parametrize("loader", ["memory", "stream"])
+def test_integer_strings_in_one_chunk_and_other_strings_in_a_later_one(tmp_path, loader):
+    t = _table(tmp_path=tmp_path)
+    ids = [str(v) for v in t.column("205").to_pylist()]
+    ids[2500:] = [f"item{v}" for v in ids[2500:]]  # each row group holds one kind
+    path = tmp_path / "chunks.parquet"
+    pq.write_table(_set(t, "205", pa.array(ids)), path, row_group_size=500)
+    code, text = _cli("train", _config(tmp_path, path, loader=loader, chunk_rows=500),
+                      "--out", tmp_path / "r")
+    _one_line_error(code, text, 1, str(path), "'205' row 2500", f"{ids[2500]!r}", "row 0",
+                    "dtype: str")
+
+
+def test_a_csv_folder_names_the_line_of_a_stray_string_before_the_type_clash(tmp_path):
+    t = _csv_table(_table(tmp_path=tmp_path))
+    files = _folder(tmp_path, t, "train", parts=2, fmt="csv")
+    lines = files[1].read_text().splitlines()
+    cols = lines[0].split(",")
+    cells = lines[30].split(",")
+    cells[cols.index('"205"')] = "abc"
+    lines[30] = ",".join(cells)
+    files[1].write_text("\n".join(lines) + "\n")
+    code, text = _cli("train", _config(tmp_path, files[0].parent), "--out", tmp_path / "r")
+    _one_line_error(code, text, 1, str(files[1]), "'205' line 31", "'abc'")
+
+
 def test_string_and_integer_files_hash_alike_under_dtype_str_in_both_loaders(tmp_path):
     t = _table(tmp_path=tmp_path)
     files = _folder(tmp_path, t, "mixed")

@@ -271,26 +271,39 @@ def _ints_of_strings(arr: pa.Array, field: FieldSpec, rows: Rows) -> pa.Array:
                         "integer range") from None
 
 
+def integer_like(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """(N,) bool masks of a string column: values that look like integers, and other values
+    (nulls are neither)."""
+    valid = _bool_np(arr.is_valid())
+    like = _bool_np(pc.match_substring_regex(arr, INT_PATTERN))
+    return like, valid & ~like
+
+
+def mixed_error(field: FieldSpec, odd: tuple[str, str, Any], first: tuple[str, str, Any],
+                count: int) -> DataError:
+    """The error for an ``auto`` id column mixing integer-looking strings with others: ``odd``
+    and ``first`` are (source, position, value) of a value of each kind."""
+    at0 = first[1] if first[0] == odd[0] else f"{first[0]}, {first[1]}"
+    return DataError(f"{odd[0]}: id field {field.name!r} {odd[1]} holds {_short(odd[2])} but "
+                     f"{at0} holds {_short(first[2])}: the column mixes integers and strings "
+                     f"({count} odd row(s)); fix the value, or declare the field `dtype: str` "
+                     "to hash every value as a string")
+
+
 def _refuse_mixed(arr: pa.Array, field: FieldSpec, rows: Rows) -> None:
     """A string column that mixes integer-looking values with other strings is an error.
 
     The CSV reader turns a whole column into strings for one stray value; hashing the
     others as strings would silently move them away from the buckets their integers use.
     """
-    valid = _bool_np(arr.is_valid())
-    like = _bool_np(pc.match_substring_regex(arr, INT_PATTERN))
-    other = valid & ~like
+    like, other = integer_like(arr)
     if not (like.any() and other.any()):
         return
-    i0 = _first(valid)
+    i0 = _first(like | other)
     odd = other if like[i0] else like
     i = _first(odd)
-    name0, pos0 = rows.at(i0)
-    first = pos0 if name0 == rows.at(i)[0] else f"{name0}, {pos0}"
-    raise _id_error(rows, i, field, f"holds {_short(arr[i].as_py())} but {first} holds "
-                    f"{_short(arr[i0].as_py())}: the column mixes integers and strings "
-                    f"({int(odd.sum())} odd row(s)); fix the value, or declare the field "
-                    "`dtype: str` to hash every value as a string")
+    raise mixed_error(field, (*rows.at(i), arr[i].as_py()), (*rows.at(i0), arr[i0].as_py()),
+                      int(odd.sum()))
 
 
 def canonical_ids(col: pa.ChunkedArray | pa.Array, field: FieldSpec, source: str | Rows,

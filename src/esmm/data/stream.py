@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from esmm.config import DataConfig
@@ -30,6 +31,7 @@ from esmm.data.tables import (
     EncodedData,
     RawTables,
     UserSide,
+    _id_family,
     _labels_array,
     _parquet_files,
     _parquet_schema,
@@ -44,7 +46,7 @@ from esmm.data.tables import (
     normalized_parts,
 )
 from esmm.errors import ConfigError, DataError
-from esmm.features import FeatureSpec, Rows, encode_dense, take_ragged
+from esmm.features import FeatureSpec, Rows, encode_dense, integer_like, mixed_error, take_ragged
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +132,7 @@ class ParquetStream:
         rows an epoch keeps, and list the units. Returns the kept rows."""
         kept_total = 0
         dense = [f for f in self.spec.dense if f.name in self.impression_columns]
+        strings = _StringIds(self.spec, pq.read_schema(files[0]))
         for f in files:
             try:
                 pf = pq.ParquetFile(f)
@@ -143,10 +146,13 @@ class ParquetStream:
                 kept = rows
                 if self.require_labels:
                     kept = rows - self._count_dropped(pf, f, rg, first_row)
-                if dense:
-                    t = pf.read_row_group(rg, columns=[d.name for d in dense])
+                if dense or strings.fields:
+                    t = pf.read_row_group(rg, columns=[d.name for d in dense]
+                                          + [g.name for g in strings.fields])
+                    rows_here = Rows(((str(f), 0, first_row),))
                     for d in dense:
-                        encode_dense(t.column(d.name), d, Rows(((str(f), 0, first_row),)))
+                        encode_dense(t.column(d.name), d, rows_here)
+                    strings.check(t, rows_here)
                 self.units.append(_Unit(f, rg, kept, first_row, kept_total))
                 first_row += rows
                 kept_total += kept
@@ -240,6 +246,41 @@ class ParquetStream:
                 if index >= start_batch:
                     yield make_batch(data, order[s:s + batch_size], extras)
                 index += 1
+
+
+class _StringIds:
+    """The string id columns of ``auto`` fields, checked across a whole streamed split: the
+    in-memory loader refuses a column mixing integer-looking strings with others, so the
+    stream does too, even when each chunk holds one kind."""
+
+    def __init__(self, spec: FeatureSpec, schema: pa.Schema) -> None:
+        self.fields = [f for f in spec.sparse if f.dtype == "auto" and f.name in schema.names
+                       and _id_family(schema.field(f.name).type) == "str"]
+        # field -> (integer-like?, source, position, value) of the first value seen
+        self.first: dict[str, tuple[bool, str, str, object]] = {}
+
+    def check(self, t: pa.Table, rows: Rows) -> None:
+        for f in self.fields:
+            col = t.column(f.name).combine_chunks()
+            if pa.types.is_dictionary(col.type):
+                col = col.cast(col.type.value_type)
+            where = rows
+            if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
+                lengths = pc.fill_null(pc.list_value_length(col), 0).to_numpy(
+                    zero_copy_only=False)
+                offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+                col, where = pc.list_flatten(col), rows.values_of(offsets)
+            like, other = integer_like(col)
+            if f.name not in self.first and (like.any() or other.any()):
+                i = int(np.flatnonzero(like | other)[0])
+                self.first[f.name] = (bool(like[i]), *where.at(i), col[i].as_py())
+            if f.name in self.first:
+                kind, *first = self.first[f.name]
+                odd = other if kind else like
+                if odd.any():
+                    i = int(np.flatnonzero(odd)[0])
+                    raise mixed_error(f, (*where.at(i), col[i].as_py()), tuple(first),
+                                      int(odd.sum()))
 
 
 Split = EncodedData | ParquetStream

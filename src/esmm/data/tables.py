@@ -206,7 +206,8 @@ def _concat(parts: list[tuple[Path, pa.Table, int]], spec: FeatureSpec | None, u
             ) -> tuple[pa.Table, Rows]:
     """Tables of the files of one split, canonical and concatenated, with their :class:`Rows`.
 
-    Each part is (file, table, number of its first row).
+    Each part is (file, table, number of its first row). A bad value in a file is named
+    first (its line or row), then an id column whose type differs between files.
     """
     tables, spans, start = [], [], 0
     for f, t, first in parts:
@@ -214,6 +215,8 @@ def _concat(parts: list[tuple[Path, pa.Table, int]], spec: FeatureSpec | None, u
         tables.append(_canonical(t, spec, rows))
         spans.append((str(f), start, first))
         start += t.num_rows
+    check_schemas([(str(f), t.schema) for (f, _, _), t in zip(parts, tables, strict=True)],
+                  None, spec)
     try:
         table = tables[0] if len(tables) == 1 else pa.concat_tables(
             tables, promote_options="permissive")
@@ -228,7 +231,7 @@ def _read_parquet(path: Path, columns: list[str] | None, spec: FeatureSpec | Non
     files = _parquet_files(path)
     if not files:
         raise DataError(f"{path}: no Parquet files found")
-    check_schemas([(str(f), _parquet_schema(f)) for f in files], columns, spec)
+    check_schemas([(str(f), _parquet_schema(f)) for f in files], columns)
     return _concat([(f, _read_parquet_file(f, columns), 0) for f in files], spec, "row")
 
 
@@ -266,7 +269,7 @@ def _read_csv(path: Path, cfg: DataConfig, columns: list[str] | None = None,
     if columns is not None:
         tables = [(f, t.select([c for c in dict.fromkeys(columns) if c in t.column_names]))
                   for f, t in tables]
-    check_schemas([(str(f), t.schema) for f, t in tables], columns, spec)
+    check_schemas([(str(f), t.schema) for f, t in tables], columns)
     first_line = 2 if cfg.csv_header else 1
     return (*_concat([(f, t, first_line) for f, t in tables], spec, "line"), names)
 
