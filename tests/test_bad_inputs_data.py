@@ -256,7 +256,7 @@ def test_serving_encoding_refuses_non_finite_dense_values(run_dir, tmp_path):
 def _late_abc_csv(tmp_path, n: int = 60_000, row: int = 45_000):
     """A CSV whose id column 205 holds integers but ``abc`` at data row ``row``, far past the
     CSV reader's first block (the reader then turns the whole column into strings)."""
-    t = _csv_table(write_and_read(tmp_path, n))
+    t = _csv_table(_rows_table(tmp_path, n))
     ids = t.column("205").to_numpy().astype(object).astype(str)
     ids[row] = "abc"
     t = _set(t, "205", pa.array(ids))
@@ -267,7 +267,7 @@ def _late_abc_csv(tmp_path, n: int = 60_000, row: int = 45_000):
     return path, t
 
 
-def write_and_read(tmp_path, n):
+def _rows_table(tmp_path, n: int) -> pa.Table:
     p = tmp_path / f"rows-{n}.parquet"
     write_flat(p, make_rows(n, seed=7))
     return pq.read_table(p)
@@ -418,13 +418,14 @@ def test_string_join_keys_and_string_user_ids_train_evaluate_and_predict(tmp_pat
     c = config_from_dict(small_config(folder))
     spec = spec_from_config(c)
     got, want = load_split(folder, spec, c.data), load_split(ref, spec, c.data)
-    np.testing.assert_array_equal(got.user_row is not None, True)
+    assert got.user_row is not None and got.n == want.n
     np.testing.assert_array_equal(got.user_bags["109_14"][1][got.user_row + 1]
                                   - got.user_bags["109_14"][1][got.user_row],
                                   want.user_bags["109_14"][1][want.user_row + 1]
                                   - want.user_bags["109_14"][1][want.user_row])
-    groups = got.groups
-    assert len(np.unique(groups)) == len(np.unique(want.groups))
+    # GAUC groups: the same partition of impressions as integer user ids give.
+    pairs = np.unique(np.stack([got.groups, want.groups]), axis=1).shape[1]
+    assert pairs == len(np.unique(got.groups)) == len(np.unique(want.groups)) > 100
 
 
 @pytest.mark.parametrize("loader", ["memory", "stream"])
@@ -563,7 +564,7 @@ def _column(values: list) -> pa.Array:
         return pa.array([None if v is None else str(v) for v in values])
 
 
-FUZZ = settings(max_examples=40, deadline=None,
+FUZZ = settings(max_examples=30, deadline=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
