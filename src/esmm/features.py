@@ -244,11 +244,15 @@ def _ints_of_floats(arr: pa.Array, field: FieldSpec, rows: Rows) -> pa.Array:
     """Integral floats -> int64 (NaN and null: null); anything else is a DataError."""
     f = arr.to_numpy(zero_copy_only=False).astype(np.float64)  # nulls -> NaN
     nan = np.isnan(f)
-    bad = ~nan & ~((np.abs(f) < _INT64_LIMIT) & (f == np.round(f)))  # inf fails the first test
+    with np.errstate(invalid="ignore"):
+        integral = f == np.round(f)  # False for NaN; True for inf, refused by the range
+    bad = ~nan & ~(integral & (np.abs(f) < _INT64_LIMIT))
     if bad.any():
         i = _first(bad)
-        raise _id_error(rows, i, field, f"holds the non-integer value {float(f[i])!r}; "
-                        f"expected integer ids ({int(bad.sum())} such row(s) in all)")
+        what = ("the non-integer value" if not integral[i] else
+                "a number outside the 64-bit integer range:")
+        raise _id_error(rows, i, field, f"holds {what} {float(f[i])!r}; expected integer ids "
+                        f"({int(bad.sum())} such row(s) in all)")
     ints = np.where(nan, 0, f).astype(np.int64)
     return pa.array(ints, mask=nan)
 
