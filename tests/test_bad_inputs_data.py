@@ -206,6 +206,25 @@ def test_evaluate_and_predict_refuse_non_finite_dense_values(tmp_path, run_dir, 
     assert not out.exists()
 
 
+@pytest.mark.parametrize("column,value,what", [
+    ("205", 1.5, "holds the non-integer value 1.5"),
+    ("109_14", [1.0, 2.5], "holds the non-integer value 2.5"),
+    ("d1", float("inf"), "(+inf)"),
+])
+def test_a_stream_checks_every_row_group_before_the_first_step(tmp_path, column, value, what):
+    t = _table(tmp_path=tmp_path)
+    vals = t.column(column).to_pylist()
+    vals = [[float(x) for x in v] for v in vals] if column == "109_14" else [
+        float(v) for v in vals]
+    vals[2900] = value  # in the last row group, far past what 4 steps of 256 rows read
+    path = tmp_path / "late.parquet"
+    pq.write_table(_set(t, column, pa.array(vals)), path, row_group_size=500)
+    code, text = _cli("train", _config(tmp_path, path, loader="stream", chunk_rows=256),
+                      "--out", tmp_path / "r")
+    _one_line_error(code, text, 1, str(path), f"'{column}'", "row 2900", what)
+    assert not list((tmp_path / "r").rglob("*.pt"))
+
+
 def test_csv_dense_values_are_named_by_file_line(tmp_path, run_dir):
     t = _csv_table(_table(tmp_path=tmp_path))
     path = tmp_path / "rows.csv"

@@ -8,8 +8,11 @@ buffer of ``data.shuffle_buffer`` rows. Memory is then bounded by the buffer, a 
 batches read ahead, not by the number of impressions. Unshuffled (evaluation, prediction) a
 stream yields exactly the rows and batches of the in-memory split, in file order.
 
-Before the first epoch the label columns alone are read once, to validate them and to count
-the rows an epoch holds after dropping conversions without clicks (two int columns: cheap).
+Before the first epoch, as the in-memory loader does, the split is validated: every file must
+hold every column the split reads (schemas only), and the label and dense columns, and the id
+columns whose type can hold a bad value (floats, unsigned, strings), are read once, to validate
+them and to count the rows an epoch holds after dropping conversions without clicks. Integer id
+columns cannot hold a bad id and are not read twice. An error names the file and its row.
 """
 
 from __future__ import annotations
@@ -46,7 +49,16 @@ from esmm.data.tables import (
     normalized_parts,
 )
 from esmm.errors import ConfigError, DataError
-from esmm.features import FeatureSpec, Rows, encode_dense, integer_like, mixed_error, take_ragged
+from esmm.features import (
+    FeatureSpec,
+    Rows,
+    canonical_bags,
+    canonical_ids,
+    encode_dense,
+    integer_like,
+    mixed_error,
+    take_ragged,
+)
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +144,10 @@ class ParquetStream:
         rows an epoch keeps, and list the units. Returns the kept rows."""
         kept_total = 0
         dense = [f for f in self.spec.dense if f.name in self.impression_columns]
-        strings = _StringIds(self.spec, pq.read_schema(files[0]))
+        schema = pq.read_schema(files[0])
+        strings = _StringIds(self.spec, schema)
+        ids = [f for f in self.spec.sparse if f.name in schema.names
+               and not _signed_ints(schema.field(f.name).type)]
         for f in files:
             try:
                 pf = pq.ParquetFile(f)
@@ -146,12 +161,15 @@ class ParquetStream:
                 kept = rows
                 if self.require_labels:
                     kept = rows - self._count_dropped(pf, f, rg, first_row)
-                if dense or strings.fields:
-                    t = pf.read_row_group(rg, columns=[d.name for d in dense]
-                                          + [g.name for g in strings.fields])
+                if dense or ids:
+                    t = pf.read_row_group(rg, columns=[g.name for g in dense + ids])
                     rows_here = Rows(((str(f), 0, first_row),))
                     for d in dense:
                         encode_dense(t.column(d.name), d, rows_here)
+                    for g in ids:
+                        check = canonical_bags if g.kind == "multi_categorical" else \
+                            canonical_ids
+                        check(t.column(g.name), g, rows_here)
                     strings.check(t, rows_here)
                 self.units.append(_Unit(f, rg, kept, first_row, kept_total))
                 first_row += rows
@@ -246,6 +264,16 @@ class ParquetStream:
                 if index >= start_batch:
                     yield make_batch(data, order[s:s + batch_size], extras)
                 index += 1
+
+
+def _signed_ints(t: pa.DataType) -> bool:
+    """Whether an id column of type ``t`` holds signed integers (or lists of them): such ids
+    are always valid."""
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        t = t.value_type
+    return pa.types.is_signed_integer(t)
 
 
 class _StringIds:
