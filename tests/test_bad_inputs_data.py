@@ -18,7 +18,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
@@ -490,15 +490,65 @@ CELLS = st.one_of(
     st.none(),
 )
 N_ROWS = 6
+_INTS = st.one_of(st.integers(-5, 10**12), st.none())
+_WORDS = st.one_of(st.sampled_from(["a", "bb", "x1", "-"]), st.none())
+
+
+def _column_of(good: st.SearchStrategy, wild: st.SearchStrategy = CELLS) -> st.SearchStrategy:
+    """N_ROWS cells: mostly a clean column of ``good`` cells (so that reading is exercised as
+    often as refusing), else wild cells."""
+    return st.one_of(st.lists(good, min_size=N_ROWS, max_size=N_ROWS),
+                     st.lists(good, min_size=N_ROWS, max_size=N_ROWS),
+                     st.lists(wild, min_size=N_ROWS, max_size=N_ROWS))
+
+
+ID_COLUMNS = st.one_of(_column_of(_INTS), _column_of(_WORDS))
+BAG_COLUMNS = _column_of(st.one_of(st.none(), st.lists(_INTS, max_size=3)),
+                         st.one_of(st.none(), st.lists(CELLS, max_size=3)))
+DENSE_COLUMNS = _column_of(st.one_of(st.floats(-1e30, 1e30), st.integers(-10**6, 10**6)))
+
+
+_FUZZ_FEATURES = [{"name": "205", "kind": "categorical", "buckets": 97},
+                  {"name": "109_14", "kind": "multi_categorical", "buckets": 31},
+                  {"name": "d1", "kind": "dense"}]
 
 
 def _fuzz_spec_and_cfg(tmp_path, fmt):
-    feats = [{"name": "205", "kind": "categorical", "buckets": 97},
-             {"name": "109_14", "kind": "multi_categorical", "buckets": 31},
-             {"name": "d1", "kind": "dense"}]
     cfg = config_from_dict({"data": {"train": str(tmp_path), "format": fmt,
-                                     "user_column": None}, "features": feats})
+                                     "user_column": None}, "features": _FUZZ_FEATURES})
     return spec_from_config(cfg), cfg.data
+
+
+@pytest.fixture(scope="module")
+def fuzz_run(tmp_path_factory):
+    """A run trained on the fuzzed fields, to push fuzzed files through ``esmm predict``."""
+    d = tmp_path_factory.mktemp("fuzz_run")
+    rng = np.random.default_rng(0)
+    n = 512
+    pq.write_table(pa.table({
+        "205": rng.integers(0, 50, n), "d1": rng.random(n),
+        "109_14": pa.array([rng.integers(0, 9, k).tolist() for k in rng.integers(0, 4, n)]),
+        "click": rng.integers(0, 2, n), "conversion": np.zeros(n, dtype=np.int64)}),
+        d / "train.parquet")
+    tree = small_config(d / "train.parquet", max_steps=2)
+    tree["data"]["user_column"] = None
+    tree["features"] = _FUZZ_FEATURES
+    (d / "cfg.yaml").write_text(yaml.safe_dump(tree))
+    code, text = _cli("train", d / "cfg.yaml", "--out", d / "run")
+    assert code == 0, text
+    return d / "run"
+
+
+def _predict_outcome(run, path, want: dict) -> None:
+    """``esmm predict`` on the fuzzed file: every row scored, or exit 1 with one line naming
+    the file, exactly when a cell is bad; never a traceback."""
+    out = path.with_suffix(".out.parquet")
+    code, text = _cli("predict", run, "--data", path, "--out", out)
+    if all(v is not None for v in want.values()):
+        assert code == 0, text
+        assert pq.read_table(out).num_rows == N_ROWS
+    else:
+        _one_line_error(code, text, 1, str(path))
 
 
 def _oracle_id(v, name: str, buckets: int) -> int | None:
@@ -551,7 +601,7 @@ def _expected(t: pa.Table) -> dict:
             "bags": _expected_ids(flat, "109_14", 31), "dense": dense}
 
 
-def _check(load, path, want: dict) -> None:
+def _check(load, path, want: dict) -> str:
     """Either the split loads and every value is what the cells say, or it is refused with
     one line naming the file, exactly when a cell is bad; nothing else (no other exception)."""
     ok = all(v is not None for v in want.values())
@@ -561,12 +611,13 @@ def _check(load, path, want: dict) -> None:
         msg = str(e)
         assert "\n" not in msg and str(path) in msg, msg
         assert not ok, f"good cells refused: {msg}"
-        return
+        return "refused"
     assert ok, f"bad cells read: {want}"
     assert data.n == N_ROWS
     np.testing.assert_array_equal(data.ids["205"], want["ids"])
     np.testing.assert_array_equal(data.bags["109_14"][0], want["bags"])
     np.testing.assert_array_equal(data.dense[:, 0], want["dense"])
+    return "read"
 
 
 def _whole(split):
@@ -588,27 +639,24 @@ FUZZ = settings(max_examples=30, deadline=None,
 
 
 @FUZZ
-@given(ids=st.lists(CELLS, min_size=N_ROWS, max_size=N_ROWS),
-       bags=st.lists(st.one_of(st.none(), st.lists(CELLS, max_size=3)), min_size=N_ROWS,
-                     max_size=N_ROWS),
-       dense=st.lists(CELLS, min_size=N_ROWS, max_size=N_ROWS))
-def test_fuzzed_parquet_cells_are_read_exactly_or_refused_in_one_line(tmp_path, ids, bags,
-                                                                      dense):
+@given(ids=ID_COLUMNS, bags=BAG_COLUMNS, dense=DENSE_COLUMNS)
+def test_fuzzed_parquet_cells_are_read_exactly_or_refused_in_one_line(tmp_path, fuzz_run, ids,
+                                                                      bags, dense):
     spec, data_cfg = _fuzz_spec_and_cfg(tmp_path, "parquet")
     t = pa.table({"205": _column(ids), "109_14": _column(bags), "d1": _column(dense),
                   "click": [0] * N_ROWS, "conversion": [0] * N_ROWS})
     path = tmp_path / "fuzz.parquet"
     pq.write_table(t, path)
     want = _expected(t)
-    _check(lambda: load_split(path, spec, data_cfg), path, want)
+    event(_check(lambda: load_split(path, spec, data_cfg), path, want))
     _check(lambda: _whole(ParquetStream(path, spec, data_cfg)), path, want)
+    _predict_outcome(fuzz_run, path, want)
 
 
 @FUZZ
-@given(ids=st.lists(CELLS, min_size=N_ROWS, max_size=N_ROWS),
-       bags=st.lists(CELLS, min_size=N_ROWS, max_size=N_ROWS),
-       dense=st.lists(CELLS, min_size=N_ROWS, max_size=N_ROWS))
-def test_fuzzed_csv_cells_are_read_exactly_or_refused_in_one_line(tmp_path, ids, bags, dense):
+@given(ids=ID_COLUMNS, bags=ID_COLUMNS, dense=DENSE_COLUMNS)
+def test_fuzzed_csv_cells_are_read_exactly_or_refused_in_one_line(tmp_path, fuzz_run, ids, bags,
+                                                                  dense):
     spec, data_cfg = _fuzz_spec_and_cfg(tmp_path, "csv")
     out = io.StringIO()
     out.write("205,109_14,d1,click,conversion\n")
@@ -617,7 +665,9 @@ def test_fuzzed_csv_cells_are_read_exactly_or_refused_in_one_line(tmp_path, ids,
     path = tmp_path / "fuzz.csv"
     path.write_text(out.getvalue())
     # The oracle starts from the cells as the CSV reader types them.
-    _check(lambda: load_split(path, spec, data_cfg), path, _expected(pacsv.read_csv(path)))
+    want = _expected(pacsv.read_csv(path))
+    event(_check(lambda: load_split(path, spec, data_cfg), path, want))
+    _predict_outcome(fuzz_run, path, want)
 
 
 def _csv_cell(v) -> str:
