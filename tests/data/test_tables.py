@@ -109,3 +109,12 @@ def test_string_join_keys_join_exactly_and_refuse_unknown_or_repeated_keys():
                                    "conversion": [0, 0]}), users)
     data = encode(raw, spec, cfg)
     np.testing.assert_array_equal(data.user_row, [2, 1])
+
+
+def test_numeric_join_keys_of_integer_and_float_columns_join_by_value():
+    spec = FeatureSpec((FieldSpec("121", "categorical", 10, 4, "mean"),))
+    users = pa.table({"common_key": [30, 10, 20], "121": [3, 1, 2]})
+    side = encode_users(users, [], spec, DataConfig(user_column=None), "u")
+    np.testing.assert_array_equal(side.rows_of(pa.array([10.0, 30.0]), "i"), [1, 0])
+    with pytest.raises(DataError, match=r"first at row 1: 15.0"):
+        side.rows_of(pa.array([10.0, 15.0]), "i")

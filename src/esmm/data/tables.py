@@ -361,8 +361,9 @@ def needed_columns(spec: FeatureSpec, cfg: DataConfig) -> list[str]:
 
 
 def _key_kind(col: pa.ChunkedArray | pa.Array) -> str:
+    """``int`` (numbers, compared by value), ``str``, or the type of a column of other keys."""
     t = col.type.value_type if pa.types.is_dictionary(col.type) else col.type
-    if pa.types.is_integer(t):
+    if pa.types.is_integer(t) or pa.types.is_floating(t):
         return "int"
     if pa.types.is_string(t) or pa.types.is_large_string(t):
         return "str"
