@@ -169,14 +169,11 @@ def test_a_feature_no_file_holds_is_a_config_error(tmp_path):
 BAD_DENSE = {"+inf": np.inf, "-inf": -np.inf, "NaN": np.nan, "1e+39": 1e39}
 
 
-def _bad_dense_folder(tmp_path, value: float, labels: bool = True) -> list:
+def _bad_dense_folder(tmp_path, value: float) -> list:
     t = _table(tmp_path=tmp_path)
     d = t.column("d1").to_numpy().copy()
     d[2000 + 7] = value  # row 7 of the third file
-    t = _set(t, "d1", pa.array(d))
-    if not labels:
-        t = t.drop_columns(["click", "conversion"])
-    return _folder(tmp_path, t, "bad")
+    return _folder(tmp_path, _set(t, "d1", pa.array(d)), "bad")
 
 
 def _dense_needles(files, what):
