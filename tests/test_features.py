@@ -193,6 +193,10 @@ def test_feature_dtype_comes_from_the_config_and_is_checked():
         {"name": "205", "buckets": 10, "dtype": "str"}, {"name": "d", "kind": "dense"}]})
     spec = spec_from_config(cfg)
     assert [f.dtype for f in spec.fields] == ["str", "auto"]
+    # The default is not written out: configs (and checkpoints' copies) read as before.
+    dumped = cfg.to_dict()["features"]
+    assert dumped[0]["dtype"] == "str" and "dtype" not in dumped[1]
+    assert config_from_dict(cfg.to_dict()) == cfg
     assert spec.from_dict(spec.to_dict()) == spec
     # A spec written before dtype existed reads as auto.
     old = spec.to_dict()

@@ -14,7 +14,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from esmm.errors import ConfigError
 
@@ -115,6 +123,15 @@ class FeatureConfig(_Strict):
         if self.kind == "dense" and self.dtype != "auto":
             raise ValueError(f"feature {self.name!r} is dense: `dtype` applies to id fields only")
         return self
+
+    @model_serializer(mode="wrap")
+    def _omit_auto_dtype(self, handler: Any) -> dict[str, Any]:
+        # The default is left out, so a config (and a checkpoint's copy of it) reads as it did
+        # before `dtype` existed: runs started earlier resume with an unchanged config.
+        out = handler(self)
+        if out.get("dtype") == "auto":
+            del out["dtype"]
+        return out
 
 
 class ModelConfig(_Strict):
