@@ -6,14 +6,18 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from esmm.errors import DataError
+from esmm.config import config_from_dict
+from esmm.errors import ConfigError, DataError
 from esmm.features import (
     FieldSpec,
+    Rows,
+    canonical_ids,
     encode_bag,
     encode_categorical,
     encode_dense,
     hash_int_ids,
     hash_str_ids,
+    spec_from_config,
     take_ragged,
 )
 
@@ -92,3 +96,114 @@ def test_take_ragged_matches_python():
     want = [vals[offs[r]:offs[r + 1]].tolist() for r in rows]
     got = [v[o[i]:o[i + 1]].tolist() for i in range(len(rows))]
     assert got == want
+
+
+S = FieldSpec("205", "categorical", 1000, 8, "mean", "str")
+INT = FieldSpec("205", "categorical", 1000, 8, "mean", "int")
+
+
+def test_rows_name_the_file_and_its_row_or_line():
+    rows = Rows((("a.csv", 0, 2), ("b.csv", 10, 2)), "line")
+    assert rows.at(0) == ("a.csv", "line 2") and rows.at(9) == ("a.csv", "line 11")
+    assert rows.at(10) == ("b.csv", "line 2") and rows.at(13) == ("b.csv", "line 5")
+    # After dropping rows 0 and 1, position 0 is the file's third row.
+    kept = Rows((("x.parquet", 0, 100),), index=np.array([2, 3, 5]))
+    assert kept.at(2) == ("x.parquet", "row 105")
+    # A bag's flattened values are named by their row.
+    vals = Rows.of("x.parquet").values_of(np.array([0, 2, 2, 5]))
+    assert vals.at(1) == ("x.parquet", "row 0") and vals.at(4) == ("x.parquet", "row 2")
+    assert Rows((("a", 0, 0), ("b", 5, 0))).name == "a (and 1 more)"
+
+
+def test_float_ids_that_are_no_integers_are_refused_naming_the_row():
+    for bad, what in ((1.5, "the non-integer value 1.5"), (np.inf, "outside the 64-bit"),
+                      (-np.inf, "outside"), (2.0**64, "outside the 64-bit integer range")):
+        with pytest.raises(DataError, match=rf"t: id field '205' row 2 holds .*{what}"):
+            encode_categorical(pa.array([1.0, 2.0, bad]), F, "t")
+    with pytest.raises(DataError, match=r"row 1 holds 9223372036854775808, outside the 64-bit"):
+        encode_categorical(pa.array([1, 2**63], type=pa.uint64()), F, "t")
+
+
+def test_auto_ids_refuse_a_string_column_mixing_integers_and_words():
+    with pytest.raises(DataError, match=r"'205' row 3 holds 'abc' but row 0 holds '12'.*"
+                                        r"dtype: str"):
+        encode_categorical(pa.array(["12", None, "-7", "abc", "9"]), F, "t")
+    with pytest.raises(DataError, match=r"row 2 holds '5' but row 0 holds 'x'"):
+        encode_categorical(pa.array(["x", "y", "5"]), F, "t")
+    # One kind only: strings hash as strings, as before.
+    for col in (["12", "13"], ["x", "y"]):
+        np.testing.assert_array_equal(encode_categorical(pa.array(col), F, "t"),
+                                      hash_str_ids(pa.array(col), "205", 1000))
+    # Values typed one by one (a request) are not refused: "17" is a string there.
+    got = encode_categorical(pa.array(["17", "x"]), F, "t", typed=True)
+    np.testing.assert_array_equal(got, hash_str_ids(pa.array(["17", "x"]), "205", 1000))
+
+
+def test_str_ids_hash_integers_as_their_decimal_strings():
+    want = hash_str_ids(pa.array(["12", "-3", "abc", None]), "205", 1000)
+    for col in (pa.array(["12", "-3", "abc", None]), ):
+        np.testing.assert_array_equal(encode_categorical(col, S, "t"), want)
+    np.testing.assert_array_equal(encode_categorical(pa.array([12, -3, None]), S, "t"),
+                                  want[[0, 1, 3]])
+    np.testing.assert_array_equal(encode_categorical(pa.array([12.0, -3.0, np.nan]), S, "t"),
+                                  want[[0, 1, 3]])
+    assert canonical_ids(pa.array([5], type=pa.int8()), S, "t").to_pylist() == ["5"]
+    # Missing ids hash as the missing id whatever the dtype.
+    assert want[3] == hash_int_ids(np.array([-1]), "205", 1000)[0]
+
+
+def test_int_ids_read_digit_strings_and_refuse_others():
+    np.testing.assert_array_equal(encode_categorical(pa.array(["12", " 7", None]), INT, "t"),
+                                  encode_categorical(pa.array([12, 7, None]), F, "t"))
+    with pytest.raises(DataError, match=r"'205' row 1 holds 'x1', not an integer id.*dtype: int"):
+        encode_categorical(pa.array(["12", "x1"]), INT, "t")
+    with pytest.raises(DataError, match=r"row 0 holds '99999999999999999999', outside"):
+        encode_categorical(pa.array(["99999999999999999999"]), INT, "t")
+
+
+def test_bag_values_follow_the_dtype_and_are_named_by_row():
+    bags = pa.array([["1", "2"], None, ["x"]])
+    with pytest.raises(DataError, match=r"row 2 holds 'x' but row 0 holds '1'"):
+        encode_bag(bags, F, "t")
+    vals, offs = encode_bag(pa.array([[1, 2], None, [3]]), S, "t")
+    assert offs.tolist() == [0, 2, 2, 3]
+    np.testing.assert_array_equal(vals, hash_str_ids(pa.array(["1", "2", "3"]), "205", 1000))
+
+
+@pytest.mark.parametrize("value,what", [(np.inf, r"\+inf"), (-np.inf, "-inf"),
+                                        (1e39, "1e\\+39, beyond float32"),
+                                        (np.nan, "a NaN or missing")])
+def test_encode_dense_refuses_infinity_and_float32_overflow(value, what):
+    d = FieldSpec("d", "dense", 0, 1, "sum")
+    with pytest.raises(DataError, match=rf"f.parquet: dense field 'd' has 1 .*first at row 3 "
+                                        rf"\({what}"):
+        encode_dense(pa.array([1.0, 2.0, 0.0, value]), d, "f.parquet")
+    # The largest float32 and int64 values are fine.
+    big = encode_dense(pa.array([3.4e38, -3.4e38]), d, "f")
+    assert np.isfinite(big).all()
+    assert encode_dense(pa.array([2**62]), d, "f")[0] == np.float32(2**62)
+    with pytest.raises(DataError, match=r"'d' line 4 holds 'abc', not a number"):
+        encode_dense(pa.array(["1.5", "2", "abc"]), d, Rows(
+            (("f.csv", 0, 2),), "line"))
+
+
+def test_feature_dtype_comes_from_the_config_and_is_checked():
+    base = {"data": {}, "model": {"embedding_dim": 4}}
+    cfg = config_from_dict(base | {"features": [
+        {"name": "205", "buckets": 10, "dtype": "str"}, {"name": "d", "kind": "dense"}]})
+    spec = spec_from_config(cfg)
+    assert [f.dtype for f in spec.fields] == ["str", "auto"]
+    # The default is not written out: configs (and checkpoints' copies) read as before.
+    dumped = cfg.to_dict()["features"]
+    assert dumped[0]["dtype"] == "str" and "dtype" not in dumped[1]
+    assert config_from_dict(cfg.to_dict()) == cfg
+    assert spec.from_dict(spec.to_dict()) == spec
+    # A spec written before dtype existed reads as auto.
+    old = spec.to_dict()
+    for f in old["fields"]:
+        del f["dtype"]
+    assert {f.dtype for f in spec.from_dict(old).fields} == {"auto"}
+    with pytest.raises(ConfigError, match="dtype"):
+        config_from_dict(base | {"features": [{"name": "205", "buckets": 10, "dtype": "float"}]})
+    with pytest.raises(ConfigError, match="dense"):
+        config_from_dict(base | {"features": [{"name": "d", "kind": "dense", "dtype": "str"}]})

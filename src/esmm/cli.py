@@ -252,7 +252,8 @@ def _predict_memory(model: MultiTaskModel, cfg: Config, spec: FeatureSpec, data:
     from esmm.evaluate import predict_arrays
     from esmm.fsio import atomic_path
 
-    raw = read_tables(data, cfg.data, columns=needed_columns(spec, cfg.data) + list(keep))
+    raw = read_tables(data, cfg.data, columns=needed_columns(spec, cfg.data) + list(keep),
+                      spec=spec)
     split = encode(raw, spec, cfg.data, require_labels=False)
     preds = predict_arrays(model, split, batch_size)
     cols = {}

@@ -28,6 +28,7 @@ from pydantic import (
     Field,
     ValidationError,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -153,6 +154,13 @@ class FeatureConfig(_Strict):
     ``categorical``: one id per row, hashed into ``buckets`` rows of an embedding table.
     ``multi_categorical``: a list of ids per row (a bag), pooled by ``pooling``.
     ``dense``: one float per row, fed to the towers beside the embeddings.
+
+    ``dtype`` (id fields): ``auto`` hashes what the data holds, integers as integers and
+    strings as strings, and refuses a column that mixes integer-looking values with other
+    strings (a stray string in a CSV id column) or is integer in one file and string in
+    another; ``str`` hashes every value as a string, integers as their decimal string (in
+    training, evaluation, prediction and serving alike); ``int`` requires integer ids, and
+    reads strings of decimal digits as those integers.
     """
 
     name: str
@@ -160,6 +168,7 @@ class FeatureConfig(_Strict):
     buckets: int | None = Field(default=None, gt=0)
     dim: int | None = Field(default=None, gt=0)
     pooling: Literal["sum", "mean"] = "mean"
+    dtype: Literal["auto", "int", "str"] = "auto"
 
     @field_validator("name", mode="before")
     @classmethod
@@ -170,7 +179,18 @@ class FeatureConfig(_Strict):
     def _check_kind(self) -> FeatureConfig:
         if self.kind != "dense" and self.buckets is None:
             raise ValueError(f"feature {self.name!r} of kind {self.kind!r} needs `buckets` (> 0)")
+        if self.kind == "dense" and self.dtype != "auto":
+            raise ValueError(f"feature {self.name!r} is dense: `dtype` applies to id fields only")
         return self
+
+    @model_serializer(mode="wrap")
+    def _omit_auto_dtype(self, handler: Any) -> dict[str, Any]:
+        # The default is left out, so a config (and a checkpoint's copy of it) reads as it did
+        # before `dtype` existed: runs started earlier resume with an unchanged config.
+        out = handler(self)
+        if out.get("dtype") == "auto":
+            del out["dtype"]
+        return out
 
 
 class ModelConfig(_Strict):

@@ -42,6 +42,7 @@ import json
 import logging
 import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -59,13 +60,14 @@ from esmm.data.tables import RawTables, encode, needed_columns, read_tables
 from esmm.errors import DataError, EsmmError, UsageError
 from esmm.evaluate import predict_arrays
 from esmm.features import (
+    F32_MAX,
     FeatureSpec,
     FieldSpec,
+    Rows,
     encode_bag,
     encode_categorical,
     encode_dense,
     hash_int_ids,
-    hash_str_ids,
 )
 from esmm.models.base import OUTPUT_NAMES, MultiTaskModel
 from esmm.nn.embedding import EmbeddingCollection
@@ -230,44 +232,45 @@ def build_export_module(model: MultiTaskModel, spec: FeatureSpec) -> ExportModul
 # ----------------------------------------------------------------------------- encoding
 
 
-def _int_ids(values: Sequence[Any], field: FieldSpec, source: str) -> np.ndarray:
+def _int_ids(values: Sequence[Any], field: FieldSpec, source: str | Rows) -> np.ndarray:
     """Hash a Python sequence of ids that may mix ints, integral floats, strings and None.
 
+    Values are hashed as the field's ``dtype`` says, as in training (see
+    :mod:`esmm.features`): with ``auto`` integers as integers and strings as strings, with
+    ``str`` an integer as its decimal string, with ``int`` a string of digits as its integer.
+
     Returns:
-        (N,) int64 bucket ids; ints and strings hash as in training, None as the missing id.
+        (N,) int64 bucket ids; None hashes as the missing id.
     """
-    n = len(values)
-    out = np.empty(n, dtype=np.int64)
-    int_pos: list[int] = []
-    int_vals: list[int] = []
-    str_pos: list[int] = []
-    str_vals: list[str] = []
+    rows = Rows.of(source)
+    ints: list[int | None] = []
+    kinds = np.zeros(len(values), dtype=np.int8)  # 0: missing, 1: integer, 2: string
     for i, v in enumerate(values):
         if v is None:
-            int_pos.append(i)
-            int_vals.append(-1)
+            ints.append(None)
         elif isinstance(v, str):
-            str_pos.append(i)
-            str_vals.append(v)
+            ints.append(None)
+            kinds[i] = 2
         elif isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)):
             if not _INT64_MIN <= int(v) <= _INT64_MAX:
-                raise DataError(f"{source}: field {field.name!r} row {i}: id {v} is outside "
+                name, pos = rows.at(i)
+                raise DataError(f"{name}: id field {field.name!r} {pos}: id {v} is outside "
                                 "the 64-bit integer range")
-            int_pos.append(i)
-            int_vals.append(int(v))
+            ints.append(int(v))
+            kinds[i] = 1
         elif (isinstance(v, (float, np.floating)) and np.isfinite(v) and float(v).is_integer()
               and _INT64_MIN <= v < 2.0**63):
-            int_pos.append(i)
-            int_vals.append(int(v))
+            ints.append(int(v))
+            kinds[i] = 1
         else:
-            raise DataError(f"{source}: field {field.name!r} row {i}: {v!r} is not an id "
+            name, pos = rows.at(i)
+            raise DataError(f"{name}: id field {field.name!r} {pos}: {v!r} is not an id "
                             "(expected an integer or a string)")
-    if int_pos:
-        out[np.asarray(int_pos)] = hash_int_ids(np.asarray(int_vals, dtype=np.int64),
-                                                field.name, field.buckets)
-    if str_pos:
-        out[np.asarray(str_pos)] = hash_str_ids(pa.array(str_vals, type=pa.string()),
-                                                field.name, field.buckets)
+    out = encode_categorical(pa.array(ints, type=pa.int64()), field, rows, typed=True)
+    strings = np.flatnonzero(kinds == 2)
+    if len(strings):
+        strs = pa.array([values[i] for i in strings], type=pa.string())
+        out[strings] = encode_categorical(strs, field, replace(rows, index=strings), typed=True)
     return out
 
 
@@ -293,35 +296,46 @@ def _plain_ints(values: Any) -> np.ndarray | None:
         return None
 
 
-def encode_ids(values: Any, field: FieldSpec, source: str) -> np.ndarray:
-    """Raw ids of a categorical field -> (N,) int64 bucket ids (hashing as in training)."""
-    if isinstance(values, np.ndarray) and values.dtype.kind in "iu":
-        return hash_int_ids(values.astype(np.int64), field.name, field.buckets)
-    ints = _plain_ints(values)
-    if ints is not None:  # the common case, without a round trip through Arrow
-        return hash_int_ids(ints, field.name, field.buckets)
+def _int_array(values: Any) -> bool:
+    """A numpy array of integers that fit int64 as they are."""
+    return (isinstance(values, np.ndarray) and values.ndim == 1
+            and (values.dtype.kind == "i" or (values.dtype.kind == "u"
+                                              and values.dtype.itemsize < 8)))
+
+
+def encode_ids(values: Any, field: FieldSpec, source: str | Rows) -> np.ndarray:
+    """Raw ids of a categorical field -> (N,) int64 bucket ids (hashing as in training).
+
+    ``source`` names the request or file in errors (or is the :class:`Rows` naming each row).
+    """
+    if field.dtype != "str":  # the common cases, without a round trip through Arrow
+        if _int_array(values):
+            return hash_int_ids(values.astype(np.int64), field.name, field.buckets)
+        ints = _plain_ints(values)
+        if ints is not None:
+            return hash_int_ids(ints, field.name, field.buckets)
+    if isinstance(values, np.ndarray) and values.dtype.kind in "iuf":
+        return encode_categorical(pa.array(values), field, source, typed=True)
     arr = _as_arrow(values)
     if arr is not None and (pa.types.is_integer(arr.type) or pa.types.is_string(arr.type)
                             or pa.types.is_large_string(arr.type)
-                            or pa.types.is_floating(arr.type)):
-        return encode_categorical(arr, field, source)
-    if arr is not None and pa.types.is_null(arr.type):
-        return hash_int_ids(np.full(len(arr), -1, dtype=np.int64), field.name, field.buckets)
-    if arr is not None and pa.types.is_dictionary(arr.type):
-        return encode_categorical(arr, field, source)
+                            or pa.types.is_floating(arr.type) or pa.types.is_null(arr.type)
+                            or pa.types.is_dictionary(arr.type)):
+        return encode_categorical(arr, field, source, typed=True)
     if isinstance(values, pa.Array | pa.ChunkedArray):
-        return encode_categorical(values, field, source)
+        return encode_categorical(values, field, source, typed=True)
     return _int_ids(list(values), field, source)
 
 
-def encode_bags(values: Any, field: FieldSpec, source: str) -> tuple[np.ndarray, np.ndarray]:
+def encode_bags(values: Any, field: FieldSpec, source: str | Rows
+                ) -> tuple[np.ndarray, np.ndarray]:
     """Raw id lists of a bag field -> ((nnz,) int64 bucket ids, (N + 1,) int64 offsets).
 
     A None bag is an empty bag, as in training.
     """
     if isinstance(values, list) and values and set(map(type, values)) == {list}:
         flat = list(itertools.chain.from_iterable(values))
-        ints = _plain_ints(flat)
+        ints = _plain_ints(flat) if field.dtype != "str" else None
         if ints is not None or not flat:
             offsets = np.zeros(len(values) + 1, dtype=np.int64)
             np.cumsum(np.fromiter(map(len, values), dtype=np.int64, count=len(values)),
@@ -333,48 +347,55 @@ def encode_bags(values: Any, field: FieldSpec, source: str) -> tuple[np.ndarray,
     if arr is not None and (pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type)):
         inner = arr.type.value_type
         if (pa.types.is_integer(inner) or pa.types.is_string(inner)
-                or pa.types.is_floating(inner)):
-            return encode_bag(arr, field, source)
+                or pa.types.is_floating(inner) or pa.types.is_null(inner)):
+            return encode_bag(arr, field, source, typed=True)
     if isinstance(values, pa.Array | pa.ChunkedArray):
-        return encode_bag(values, field, source)
+        return encode_bag(values, field, source, typed=True)
+    rows = Rows.of(source)
     bags = list(values)
     lengths = np.zeros(len(bags), dtype=np.int64)
-    flat: list[Any] = []
+    flat = []
     for i, b in enumerate(bags):
         if b is None:
             continue
         if isinstance(b, (str, bytes, dict)) or not hasattr(b, "__len__"):
-            raise DataError(f"{source}: field {field.name!r} row {i}: a bag must be a list of "
+            name, pos = rows.at(i)
+            raise DataError(f"{name}: bag field {field.name!r} {pos}: a bag must be a list of "
                             f"ids, got {type(b).__name__}")
         lengths[i] = len(b)
         flat.extend(b)
     offsets = np.zeros(len(bags) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
-    inner = FieldSpec(field.name, "categorical", field.buckets, field.dim, field.pooling)
-    ids = _int_ids(flat, inner, source) if flat else np.zeros(0, dtype=np.int64)
+    inner = FieldSpec(field.name, "categorical", field.buckets, field.dim, field.pooling,
+                      field.dtype)
+    ids = _int_ids(flat, inner, rows.values_of(offsets)) if flat else np.zeros(0, dtype=np.int64)
     return ids, offsets
 
 
-def encode_numbers(values: Any, field: FieldSpec, source: str) -> np.ndarray:
-    """Raw values of a dense field -> (N,) float32; NaN, None or a non-number is a DataError."""
+def encode_numbers(values: Any, field: FieldSpec, source: str | Rows) -> np.ndarray:
+    """Raw values of a dense field -> (N,) float32.
+
+    None, NaN, an infinity, a value beyond float32's range or a non-number is a DataError
+    naming the row, as in training (:func:`esmm.features.encode_dense`).
+    """
     if isinstance(values, np.ndarray) and values.dtype.kind in "iuf":
-        v = values.astype(np.float32)
-        if not np.all(np.isfinite(v)):
-            bad = int(np.flatnonzero(~np.isfinite(v))[0])
-            raise DataError(f"{source}: dense field {field.name!r} row {bad} is not finite")
-        return v
+        return encode_dense(pa.array(values.astype(np.float64, copy=False)), field, source)
     arr = _as_arrow(values)
-    if arr is None:
-        for i, v in enumerate(values):
-            if isinstance(v, bool) or not isinstance(v, (int, float, np.number)):
-                raise DataError(f"{source}: dense field {field.name!r} row {i}: {v!r} is not a "
-                                "number")
-        raise DataError(f"{source}: dense field {field.name!r} holds values that are not numbers")
-    out = encode_dense(arr, field, source)
-    if not np.all(np.isfinite(out)):
-        bad = int(np.flatnonzero(~np.isfinite(out))[0])
-        raise DataError(f"{source}: dense field {field.name!r} row {bad} is not finite")
-    return out
+    if arr is not None and (pa.types.is_integer(arr.type) or pa.types.is_floating(arr.type)
+                            or pa.types.is_null(arr.type)):
+        return encode_dense(arr, field, source)
+    rows = Rows.of(source)
+    for i, v in enumerate(values):
+        name, pos = rows.at(i)
+        if v is None:
+            raise DataError(f"{name}: dense field {field.name!r} {pos} is missing")
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.number)):
+            raise DataError(f"{name}: dense field {field.name!r} {pos}: {v!r} is not a number")
+        if isinstance(v, int) and not abs(v) <= F32_MAX:
+            raise DataError(f"{name}: dense field {field.name!r} {pos}: {v} is beyond "
+                            "float32's range")
+    raise DataError(f"{rows.name}: dense field {field.name!r} holds values that are not "
+                    "numbers")
 
 
 # ----------------------------------------------------------------------------- the predictor
@@ -467,6 +488,8 @@ class Predictor:
         inputs: dict[str, np.ndarray] = {}
         side = np.zeros(len(self.spec.sparse), dtype=np.int64)
         dense: list[np.ndarray] = []
+        # Errors name the row (the item) of a bad value, or the user.
+        items, shared = Rows.of(source), Rows.of(f"{source} (user)")
         for f in self.spec.fields:
             in_cols, in_user = f.name in columns, f.name in user
             if in_cols and in_user:
@@ -475,15 +498,16 @@ class Predictor:
             if not (in_cols or in_user):
                 raise DataError(f"{source}: field {f.name!r} is missing")
             vals = [user[f.name]] if in_user else columns[f.name]
+            where = shared if in_user else items
             if in_user and f.kind != "dense":
                 side[self._sparse_pos[f.name]] = 1
             if f.kind == "categorical":
-                inputs[f"ids__{f.name}"] = encode_ids(vals, f, source)
+                inputs[f"ids__{f.name}"] = encode_ids(vals, f, where)
             elif f.kind == "multi_categorical":
-                v, o = encode_bags(vals, f, source)
+                v, o = encode_bags(vals, f, where)
                 inputs[f"values__{f.name}"], inputs[f"offsets__{f.name}"] = v, o
             else:
-                d = encode_numbers(vals, f, source)
+                d = encode_numbers(vals, f, where)
                 dense.append(np.full(n, d[0], dtype=np.float32) if in_user else d)
         if dense:
             inputs["dense"] = np.ascontiguousarray(np.stack(dense, axis=1))  # (N, n_dense)

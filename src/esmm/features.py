@@ -8,11 +8,21 @@ everywhere. Hashing is stable across processes and machines:
 
 with ``field_seed = xxh64(field name)``. Python's salted ``hash()`` is never used. Missing values
 (nulls) hash like the sentinel id ``-1``.
+
+Which of the two a value takes is fixed by the field's ``dtype`` (see
+:class:`esmm.config.FeatureConfig`): ``str`` hashes every value as a string (an integer as its
+decimal string), ``int`` requires integers (reading strings of decimal digits as integers), and
+``auto`` hashes what the data holds but refuses a column that mixes integer-looking strings with
+other strings: one stray string in a CSV id column makes the CSV reader turn the whole column
+into strings, which would silently move every id to another bucket.
+
+Every error names the field, the file (or request) and the row or line, through :class:`Rows`.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import bisect
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -25,6 +35,11 @@ from esmm.errors import DataError
 
 HASH_VERSION = "splitmix64-xxh64-v1"
 MISSING_ID = -1
+ID_DTYPES = ("auto", "int", "str")
+# What the CSV reader infers as an integer, and what an Arrow cast to int64 parses.
+INT_PATTERN = r"^-?[0-9]+$"
+F32_MAX = float(np.finfo(np.float32).max)
+_INT64_LIMIT = 2.0**63
 
 _M1 = np.uint64(0x9E3779B97F4A7C15)
 _M2 = np.uint64(0xBF58476D1CE4E5B9)
@@ -88,6 +103,7 @@ class FieldSpec:
     buckets: int
     dim: int
     pooling: str
+    dtype: str = "auto"  # id fields: auto | int | str (see the module docstring)
 
 
 @dataclass(frozen=True)
@@ -133,12 +149,59 @@ def spec_from_config(cfg: Config) -> FeatureSpec:
             buckets=int(f.buckets or 0),
             dim=int(f.dim or cfg.model.embedding_dim) if f.kind != "dense" else 1,
             pooling=f.pooling,
+            dtype=f.dtype,
         ))
     return FeatureSpec(tuple(fields))
 
 
 # --------------------------------------------------------------------------------------------
-# Column encoders: Arrow column -> numpy arrays, vectorised.
+# Where rows come from, for error messages.
+
+
+@dataclass(frozen=True)
+class Rows:
+    """How an error names a row of a column: the source it came from and its number there.
+
+    Attributes:
+        parts: ``(name, start, first)`` per source, in column order: rows from position
+            ``start`` of the column on came from ``name``, and the first of them is numbered
+            ``first`` there (a 0-based row index, or the file line of a CSV's first data row).
+        unit: ``row`` or ``line``.
+        index: (N,) positions of the column's rows among the sources' rows when rows were
+            dropped before encoding; None: the identity.
+        offsets: (N + 1,) bag offsets when the column is a bag's flattened values, so that a
+            value is named by its bag's row.
+    """
+
+    parts: tuple[tuple[str, int, int], ...]
+    unit: str = "row"
+    index: np.ndarray | None = None
+    offsets: np.ndarray | None = None
+
+    @classmethod
+    def of(cls, source: str | Rows) -> Rows:
+        """``source`` itself, or a single source named ``source`` numbered from row 0."""
+        return source if isinstance(source, Rows) else cls(((str(source), 0, 0),))
+
+    @property
+    def name(self) -> str:
+        """The sources' names, for a message about a whole column."""
+        names = list(dict.fromkeys(p[0] for p in self.parts))
+        return names[0] if len(names) == 1 else f"{names[0]} (and {len(names) - 1} more)"
+
+    def at(self, i: int) -> tuple[str, str]:
+        """(source name, ``row N`` or ``line N``) of position ``i`` of the column."""
+        if self.offsets is not None:
+            i = int(np.searchsorted(self.offsets, i, side="right")) - 1
+        if self.index is not None:
+            i = int(self.index[i])
+        k = max(bisect.bisect_right([p[1] for p in self.parts], i) - 1, 0)
+        name, start, first = self.parts[k]
+        return name, f"{self.unit} {first + i - start}"
+
+    def values_of(self, offsets: np.ndarray) -> Rows:
+        """These rows, for the flattened values of bags with ``offsets`` (N + 1,)."""
+        return replace(self, offsets=offsets)
 
 
 def _flat(col: pa.ChunkedArray | pa.Array) -> pa.Array:
@@ -147,79 +210,261 @@ def _flat(col: pa.ChunkedArray | pa.Array) -> pa.Array:
     return col
 
 
-def encode_categorical(col: pa.ChunkedArray | pa.Array, field: FieldSpec, source: str
-                       ) -> np.ndarray:
-    """Encode a single-valued id column.
+def _decoded(col: pa.ChunkedArray | pa.Array) -> pa.Array:
+    arr = _flat(col)
+    if pa.types.is_dictionary(arr.type):
+        arr = arr.cast(arr.type.value_type)
+    return arr
+
+
+def _first(mask: np.ndarray) -> int:
+    return int(np.flatnonzero(mask)[0])
+
+
+def _short(v: Any) -> str:
+    r = repr(v)
+    return r if len(r) <= 40 else r[:37] + "..."
+
+
+def _bool_np(a: pa.Array) -> np.ndarray:
+    """(N,) bool of an Arrow boolean array, nulls as False."""
+    return np.asarray(pc.fill_null(a, False).to_numpy(zero_copy_only=False), dtype=bool)
+
+
+def _id_error(rows: Rows, i: int, field: FieldSpec, what: str) -> DataError:
+    name, pos = rows.at(i)
+    return DataError(f"{name}: id field {field.name!r} {pos} {what}")
+
+
+# --------------------------------------------------------------------------------------------
+# Column encoders: Arrow column -> numpy arrays, vectorised.
+
+
+def _ints_of_floats(arr: pa.Array, field: FieldSpec, rows: Rows) -> pa.Array:
+    """Integral floats -> int64 (NaN and null: null); anything else is a DataError."""
+    f = arr.to_numpy(zero_copy_only=False).astype(np.float64)  # nulls -> NaN
+    nan = np.isnan(f)
+    with np.errstate(invalid="ignore"):
+        integral = f == np.round(f)  # False for NaN; True for inf, refused by the range
+    bad = ~nan & ~(integral & (np.abs(f) < _INT64_LIMIT))
+    if bad.any():
+        i = _first(bad)
+        what = ("the non-integer value" if not integral[i] else
+                "a number outside the 64-bit integer range:")
+        raise _id_error(rows, i, field, f"holds {what} {float(f[i])!r}; expected integer ids "
+                        f"({int(bad.sum())} such row(s) in all)")
+    ints = np.where(nan, 0, f).astype(np.int64)
+    return pa.array(ints, mask=nan)
+
+
+def _ints_of_strings(arr: pa.Array, field: FieldSpec, rows: Rows) -> pa.Array:
+    """Strings of decimal digits -> int64 (``dtype: int``); any other string is a DataError."""
+    s = pc.utf8_trim_whitespace(arr)
+    ok = _bool_np(pc.match_substring_regex(s, INT_PATTERN)) | ~_bool_np(s.is_valid())
+    if not ok.all():
+        i = _first(~ok)
+        raise _id_error(rows, i, field, f"holds {_short(arr[i].as_py())}, not an integer id "
+                        "(the field is declared `dtype: int`; declare `dtype: str` to hash "
+                        "strings)")
+    try:
+        return pc.cast(s, pa.int64())
+    except pa.ArrowInvalid:
+        big = _bool_np(pc.greater(pc.abs(pc.cast(s, pa.float64())), 9.2e18))
+        i = _first(big) if big.any() else 0
+        raise _id_error(rows, i, field, f"holds {_short(arr[i].as_py())}, outside the 64-bit "
+                        "integer range") from None
+
+
+def integer_like(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """(N,) bool masks of a string column: values that look like integers, and other values
+    (nulls are neither)."""
+    valid = _bool_np(arr.is_valid())
+    like = _bool_np(pc.match_substring_regex(arr, INT_PATTERN))
+    return like, valid & ~like
+
+
+def mixed_error(field: FieldSpec, odd: tuple[str, str, Any], first: tuple[str, str, Any],
+                count: int) -> DataError:
+    """The error for an ``auto`` id column mixing integer-looking strings with others: ``odd``
+    and ``first`` are (source, position, value) of a value of each kind."""
+    at0 = first[1] if first[0] == odd[0] else f"{first[0]}, {first[1]}"
+    return DataError(f"{odd[0]}: id field {field.name!r} {odd[1]} holds {_short(odd[2])} but "
+                     f"{at0} holds {_short(first[2])}: the column mixes integers and strings "
+                     f"({count} odd row(s)); fix the value, or declare the field `dtype: str` "
+                     "to hash every value as a string")
+
+
+def _refuse_mixed(arr: pa.Array, field: FieldSpec, rows: Rows) -> None:
+    """A string column that mixes integer-looking values with other strings is an error.
+
+    The CSV reader turns a whole column into strings for one stray value; hashing the
+    others as strings would silently move them away from the buckets their integers use.
+    """
+    like, other = integer_like(arr)
+    if not (like.any() and other.any()):
+        return
+    i0 = _first(like | other)
+    odd = other if like[i0] else like
+    i = _first(odd)
+    raise mixed_error(field, (*rows.at(i), arr[i].as_py()), (*rows.at(i0), arr[i0].as_py()),
+                      int(odd.sum()))
+
+
+def canonical_ids(col: pa.ChunkedArray | pa.Array, field: FieldSpec, source: str | Rows,
+                  *, typed: bool = False) -> pa.Array:
+    """An id column as it is hashed: int64 or string, nulls kept, as ``field.dtype`` says.
+
+    Args:
+        col: (N,) ids: integers, integral floats or strings (dictionary-encoded or not).
+        source: the file or request (or its :class:`Rows`), for error messages.
+        typed: the values' types were given one by one (a request's JSON), not read from a
+            column whose type a reader may have guessed: a string is then a string even where
+            it looks like an integer, and ``auto`` does not refuse mixed strings.
+    Returns:
+        (N,) int64 or string Arrow array. Raises DataError naming the row of a value that is
+        not an id of the field's type (see the module docstring).
+    """
+    rows = Rows.of(source)
+    arr = _decoded(col)
+    t = arr.type
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        raise DataError(f"{rows.name}: column {field.name!r} holds lists but the config declares "
+                        "it `kind: categorical`; declare it `kind: multi_categorical`")
+    if pa.types.is_null(t):
+        ints = pa.nulls(len(arr), pa.int64())
+    elif pa.types.is_integer(t):
+        if t == pa.uint64() and len(arr) and (pc.max(arr).as_py() or 0) >= 2**63:
+            big = _bool_np(pc.greater_equal(arr, pa.scalar(2**63, pa.uint64())))
+            raise _id_error(rows, _first(big), field, f"holds {arr[_first(big)].as_py()}, "
+                            "outside the 64-bit integer range")
+        ints = arr.cast(pa.int64())
+    elif pa.types.is_floating(t):
+        ints = _ints_of_floats(arr, field, rows)
+    elif pa.types.is_string(t) or pa.types.is_large_string(t):
+        strings = arr.cast(pa.string())
+        if field.dtype == "int":
+            return _ints_of_strings(strings, field, rows)
+        if field.dtype == "auto" and not typed:
+            _refuse_mixed(strings, field, rows)
+        return strings
+    else:
+        raise DataError(f"{rows.name}: column {field.name!r} has type {t}; expected integer or "
+                        "string ids")
+    return ints.cast(pa.string()) if field.dtype == "str" else ints
+
+
+def canonical_bags(col: pa.ChunkedArray | pa.Array, field: FieldSpec, source: str | Rows
+                   ) -> pa.Array:
+    """A bag column with its ids as :func:`canonical_ids` makes them: (N,) list<int64> or
+    list<string>, null bags kept; a column of single ids is returned as :func:`canonical_ids`
+    makes it (a bag of one per row)."""
+    arr = _decoded(col)
+    t = arr.type
+    if not (pa.types.is_list(t) or pa.types.is_large_list(t)):
+        return canonical_ids(arr, field, source)
+    lengths = pc.fill_null(pc.list_value_length(arr), 0).to_numpy(zero_copy_only=False)
+    offsets = np.zeros(len(arr) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    values = canonical_ids(pc.list_flatten(arr), replace(field, kind="categorical"),
+                           Rows.of(source).values_of(offsets))
+    mask = arr.is_null() if arr.null_count else None
+    return pa.LargeListArray.from_arrays(pa.array(offsets), values, mask=mask)
+
+
+def hash_ids(ids: pa.Array, field: FieldSpec) -> np.ndarray:
+    """Hash a canonical id column (:func:`canonical_ids`). Returns (N,) int64 buckets."""
+    if pa.types.is_string(ids.type):
+        return hash_str_ids(ids, field.name, field.buckets)
+    vals = ids.fill_null(MISSING_ID).to_numpy(zero_copy_only=False)
+    return hash_int_ids(vals, field.name, field.buckets)
+
+
+def encode_categorical(col: pa.ChunkedArray | pa.Array, field: FieldSpec, source: str | Rows,
+                       *, typed: bool = False) -> np.ndarray:
+    """Encode a single-valued id column (``typed``: see :func:`canonical_ids`).
 
     Returns:
         (N,) int64 bucket ids.
     """
-    arr = _flat(col)
-    t = arr.type
-    if pa.types.is_dictionary(t):
-        arr = arr.cast(t.value_type)
-        t = arr.type
-    if pa.types.is_integer(t):
-        vals = arr.fill_null(MISSING_ID).to_numpy(zero_copy_only=False)
-        return hash_int_ids(vals, field.name, field.buckets)
-    if pa.types.is_floating(t):
-        f = arr.to_numpy(zero_copy_only=False)
-        ok = ~np.isnan(f)
-        if np.any(ok & (f != np.round(f))):
-            bad = int(np.flatnonzero(ok & (f != np.round(f)))[0])
-            raise DataError(f"{source}: column {field.name!r} is a categorical id field but row "
-                            f"{bad} holds the non-integer value {f[bad]!r}")
-        vals = np.where(ok, f, MISSING_ID).astype(np.int64)
-        return hash_int_ids(vals, field.name, field.buckets)
-    if pa.types.is_string(t) or pa.types.is_large_string(t):
-        return hash_str_ids(arr, field.name, field.buckets)
-    if pa.types.is_list(t) or pa.types.is_large_list(t):
-        raise DataError(f"{source}: column {field.name!r} holds lists but the config declares it "
-                        "`kind: categorical`; declare it `kind: multi_categorical`")
-    raise DataError(f"{source}: column {field.name!r} has type {t}; expected integer or string ids")
+    return hash_ids(canonical_ids(col, field, source, typed=typed), field)
 
 
-def encode_bag(col: pa.ChunkedArray | pa.Array, field: FieldSpec, source: str
-               ) -> tuple[np.ndarray, np.ndarray]:
-    """Encode a multi-valued id column (a list per row).
+def encode_bag(col: pa.ChunkedArray | pa.Array, field: FieldSpec, source: str | Rows,
+               *, typed: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Encode a multi-valued id column (a list per row; ``typed``: see :func:`canonical_ids`).
 
     Returns:
         values: (nnz,) int64 bucket ids; offsets: (N + 1,) int64, row i owns
         ``values[offsets[i]:offsets[i + 1]]``. A null list is an empty bag.
     """
-    arr = _flat(col)
+    arr = _decoded(col)
     t = arr.type
     if not (pa.types.is_list(t) or pa.types.is_large_list(t)):
         # A single id per row is a bag of one.
-        ids = encode_categorical(arr, field, source)
+        ids = encode_categorical(arr, field, source, typed=typed)
         return ids, np.arange(len(ids) + 1, dtype=np.int64)
     if arr.null_count:
-        arr = pc.if_else(arr.is_null(), pa.scalar([], type=t), arr)
-        arr = _flat(arr)
+        arr = _flat(pc.if_else(arr.is_null(), pa.scalar([], type=t), arr))
     offsets = arr.offsets.to_numpy().astype(np.int64)
     values = arr.values
     if offsets[0] != 0 or offsets[-1] != len(values):
         values = values.slice(offsets[0], offsets[-1] - offsets[0])
         offsets = offsets - offsets[0]
-    inner = FieldSpec(field.name, "categorical", field.buckets, field.dim, field.pooling)
-    return encode_categorical(values, inner, source), offsets
+    inner = replace(field, kind="categorical")
+    return encode_categorical(values, inner, Rows.of(source).values_of(offsets),
+                              typed=typed), offsets
 
 
-def encode_dense(col: pa.ChunkedArray | pa.Array, field: FieldSpec, source: str) -> np.ndarray:
-    """Encode a dense column. NaN or null is an error naming the row (no silent imputation)."""
-    arr = _flat(col)
-    if not (pa.types.is_integer(arr.type) or pa.types.is_floating(arr.type)):
-        raise DataError(f"{source}: dense field {field.name!r} has type {arr.type}; "
-                        "expected numbers")
-    vals = arr.to_numpy(zero_copy_only=False).astype(np.float32)
-    bad = np.isnan(vals)
+_NUMBER = r"(?i)^\s*[+-]?(([0-9]+\.?[0-9]*|\.[0-9]+)(e[+-]?[0-9]+)?|inf|infinity|nan)\s*$"
+
+
+def _dense_values(arr: pa.Array, field: FieldSpec, rows: Rows) -> np.ndarray:
+    """(N,) float64 of a numeric column (nulls as NaN); another type is a DataError."""
+    t = arr.type
+    if pa.types.is_integer(t) or pa.types.is_floating(t):
+        return arr.to_numpy(zero_copy_only=False).astype(np.float64)
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        ok = _bool_np(pc.match_substring_regex(arr, _NUMBER)) | ~_bool_np(arr.is_valid())
+        if not ok.all():
+            i = _first(~ok)
+            name, pos = rows.at(i)
+            raise DataError(f"{name}: dense field {field.name!r} {pos} holds "
+                            f"{_short(arr[i].as_py())}, not a number")
+    raise DataError(f"{rows.name}: dense field {field.name!r} has type {t}; expected numbers")
+
+
+def encode_dense(col: pa.ChunkedArray | pa.Array, field: FieldSpec, source: str | Rows
+                 ) -> np.ndarray:
+    """Encode a dense column.
+
+    A missing value (null or NaN), an infinity, or a value beyond float32's range is an error
+    naming the field and the first such row: no silent imputation, and nothing that would turn
+    the towers' inputs into inf or NaN.
+
+    Returns:
+        (N,) float32.
+    """
+    rows = Rows.of(source)
+    arr = _decoded(col)
+    vals = _dense_values(arr, field, rows)
+    missing = np.isnan(vals)
     if arr.null_count:
-        bad |= np.asarray(arr.is_null().to_numpy(zero_copy_only=False))
+        missing |= ~_bool_np(arr.is_valid())
+    infinite = np.isinf(vals)
+    with np.errstate(invalid="ignore"):
+        over = ~missing & ~infinite & (np.abs(vals) > F32_MAX)
+    bad = missing | infinite | over
     if bad.any():
-        first = int(np.flatnonzero(bad)[0])
-        raise DataError(f"{source}: dense field {field.name!r} has {int(bad.sum())} NaN or missing "
-                        f"value(s), first at row {first}; fill or drop them before training")
-    return vals
+        i = _first(bad)
+        name, pos = rows.at(i)
+        what = ("a NaN or missing value" if missing[i] else
+                f"{'+' if vals[i] > 0 else '-'}inf" if infinite[i] else
+                f"{float(vals[i])!r}, beyond float32's range (|x| <= {F32_MAX:.4g})")
+        raise DataError(
+            f"{name}: dense field {field.name!r} has {int(bad.sum())} NaN, missing, infinite or "
+            f"float32-overflowing value(s), first at {pos} ({what}); fill or drop them: a dense "
+            "value must be a finite float32 number")
+    return vals.astype(np.float32)
 
 
 def take_ragged(values: np.ndarray, offsets: np.ndarray, rows: np.ndarray

@@ -8,8 +8,11 @@ buffer of ``data.shuffle_buffer`` rows. Memory is then bounded by the buffer, a 
 batches read ahead, not by the number of impressions. Unshuffled (evaluation, prediction) a
 stream yields exactly the rows and batches of the in-memory split, in file order.
 
-Before the first epoch the label columns alone are read once, to validate them and to count
-the rows an epoch holds after dropping conversions without clicks (two int columns: cheap).
+Before the first epoch, as the in-memory loader does, the split is validated: every file must
+hold every column the split reads (schemas only), and the label and dense columns, and the id
+columns whose type can hold a bad value (floats, unsigned, strings), are read once, to validate
+them and to count the rows an epoch holds after dropping conversions without clicks. Integer id
+columns cannot hold a bad id and are not read twice. An error names the file and its row.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from esmm.config import DataConfig
@@ -30,18 +34,31 @@ from esmm.data.tables import (
     EncodedData,
     RawTables,
     UserSide,
+    _id_family,
     _labels_array,
     _parquet_files,
+    _parquet_schema,
     _read_parquet,
     _schema_names,
+    check_schemas,
     encode,
     encode_users,
+    file_format,
     load_split,
     needed_columns,
     normalized_parts,
 )
 from esmm.errors import ConfigError, DataError
-from esmm.features import FeatureSpec, take_ragged
+from esmm.features import (
+    FeatureSpec,
+    Rows,
+    canonical_bags,
+    canonical_ids,
+    encode_dense,
+    integer_like,
+    mixed_error,
+    take_ragged,
+)
 
 log = logging.getLogger(__name__)
 
@@ -85,43 +102,27 @@ class ParquetStream:
         if self.keep and require_labels:
             raise ValueError("keep needs require_labels=False: kept columns follow every row")
         want = list(dict.fromkeys([*needed_columns(spec, cfg), *(columns or ()), *self.keep]))
-        self.impression_columns = tuple(_schema_names(imp_path))
+        # Every file must hold every column the split reads, checked before any row is.
+        schemas = [(str(f), _parquet_schema(f)) for f in files]
+        check_schemas(schemas, want, spec)
+        self.impression_columns = tuple(dict.fromkeys(c for _, s in schemas for c in s.names))
         missing = [k for k in self.keep if k not in self.impression_columns]
         if missing:
             raise DataError(f"{p}: no column {missing[0]!r} among the impressions' columns "
                             f"{list(self.impression_columns)[:40]}")
-        self.available = tuple(_schema_names(imp_path)
-                               + (_schema_names(users_path) if users_path else []))
+        self.available = self.impression_columns + (
+            tuple(_schema_names(users_path)) if users_path else ())
         self.users: UserSide | None = None
         if users_path is not None:
-            users = _read_parquet(users_path, want)
-            self.users = encode_users(users, _schema_names(imp_path), spec, cfg, self.source)
+            users, user_rows = _read_parquet(users_path, want, spec)
+            self.users = encode_users(users, self.impression_columns, spec, cfg, self.source,
+                                      user_rows)
             del users
         self.units: list[_Unit] = []
         self.rows_read = self.dropped_conversion_without_click = 0
         self.kept_conversion_without_click = 0
-        kept_total = 0
         self._columns = want
-        for f in files:
-            if f.stat().st_size == 0:
-                raise DataError(f"{f}: the file is empty (0 bytes)")
-            try:
-                pf = pq.ParquetFile(f)
-            except (pa.ArrowInvalid, OSError) as e:
-                raise DataError(f"{f}: cannot read as Parquet: {e}") from None
-            first_row = 0
-            for rg in range(pf.num_row_groups):
-                rows = pf.metadata.row_group(rg).num_rows
-                if rows == 0:
-                    continue
-                kept = rows
-                if require_labels:
-                    kept = rows - self._count_dropped(pf, f, rg, first_row)
-                self.units.append(_Unit(f, rg, kept, first_row, kept_total))
-                first_row += rows
-                kept_total += kept
-                self.rows_read += rows
-        self.n = kept_total
+        self.n = self._scan(files)
         if self.rows_read == 0:
             raise DataError(f"{self.source}: the table has no rows")
         if self.n == 0:
@@ -138,11 +139,49 @@ class ParquetStream:
         # Fail on a bad feature column now, not an epoch into training.
         next(self.chunks(units=self.units[:1]), None)
 
+    def _scan(self, files: Sequence[Path]) -> int:
+        """Read the labels and dense columns of every row group once: validate them, count the
+        rows an epoch keeps, and list the units. Returns the kept rows."""
+        kept_total = 0
+        dense = [f for f in self.spec.dense if f.name in self.impression_columns]
+        schema = pq.read_schema(files[0])
+        strings = _StringIds(self.spec, schema)
+        ids = [f for f in self.spec.sparse if f.name in schema.names
+               and not _signed_ints(schema.field(f.name).type)]
+        for f in files:
+            try:
+                pf = pq.ParquetFile(f)
+            except (pa.ArrowInvalid, OSError) as e:
+                raise DataError(f"{f}: cannot read as Parquet: {e}") from None
+            first_row = 0
+            for rg in range(pf.num_row_groups):
+                rows = pf.metadata.row_group(rg).num_rows
+                if rows == 0:
+                    continue
+                kept = rows
+                if self.require_labels:
+                    kept = rows - self._count_dropped(pf, f, rg, first_row)
+                if dense or ids:
+                    t = pf.read_row_group(rg, columns=[g.name for g in dense + ids])
+                    rows_here = Rows(((str(f), 0, first_row),))
+                    for d in dense:
+                        encode_dense(t.column(d.name), d, rows_here)
+                    for g in ids:
+                        check = canonical_bags if g.kind == "multi_categorical" else \
+                            canonical_ids
+                        check(t.column(g.name), g, rows_here)
+                    strings.check(t, rows_here)
+                self.units.append(_Unit(f, rg, kept, first_row, kept_total))
+                first_row += rows
+                kept_total += kept
+                self.rows_read += rows
+        return kept_total
+
     def _count_dropped(self, pf: pq.ParquetFile, f: Path, rg: int, first_row: int) -> int:
         labels = self.cfg.labels
         cols = [c for c in (labels.click, labels.conversion) if c in pf.schema_arrow.names]
         t = pf.read_row_group(rg, columns=cols)
-        src = f"{f}, row group {rg}"
+        src = str(f)
         click = _labels_array(t, labels.click, src, "click", first_row)
         conv = _labels_array(t, labels.conversion, src, "conversion", first_row)
         bad = (conv == 1) & (click == 0)
@@ -173,9 +212,9 @@ class ParquetStream:
             for rb in pf.iter_batches(batch_size=self.cfg.chunk_rows, row_groups=[u.row_group],
                                       columns=cols):
                 raw = RawTables(f"{u.file}", pa.Table.from_batches([rb]),
-                                available=self.available)
+                                available=self.available, rows=Rows(((str(u.file), 0, row),)))
                 chunk = encode(raw, self.spec, self.cfg, self.require_labels, users=self.users,
-                               row_offset=row, quiet=True)
+                               quiet=True)
                 chunk.row_ids = np.arange(kept, kept + chunk.n, dtype=np.int64)
                 chunk.extra = {k: rb.column(k) for k in self.keep}
                 row += rb.num_rows
@@ -227,6 +266,51 @@ class ParquetStream:
                 index += 1
 
 
+def _signed_ints(t: pa.DataType) -> bool:
+    """Whether an id column of type ``t`` holds signed integers (or lists of them): such ids
+    are always valid."""
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        t = t.value_type
+    return pa.types.is_signed_integer(t)
+
+
+class _StringIds:
+    """The string id columns of ``auto`` fields, checked across a whole streamed split: the
+    in-memory loader refuses a column mixing integer-looking strings with others, so the
+    stream does too, even when each chunk holds one kind."""
+
+    def __init__(self, spec: FeatureSpec, schema: pa.Schema) -> None:
+        self.fields = [f for f in spec.sparse if f.dtype == "auto" and f.name in schema.names
+                       and _id_family(schema.field(f.name).type) == "str"]
+        # field -> (integer-like?, source, position, value) of the first value seen
+        self.first: dict[str, tuple[bool, str, str, object]] = {}
+
+    def check(self, t: pa.Table, rows: Rows) -> None:
+        for f in self.fields:
+            col = t.column(f.name).combine_chunks()
+            if pa.types.is_dictionary(col.type):
+                col = col.cast(col.type.value_type)
+            where = rows
+            if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
+                lengths = pc.fill_null(pc.list_value_length(col), 0).to_numpy(
+                    zero_copy_only=False)
+                offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+                col, where = pc.list_flatten(col), rows.values_of(offsets)
+            like, other = integer_like(col)
+            if f.name not in self.first and (like.any() or other.any()):
+                i = int(np.flatnonzero(like | other)[0])
+                self.first[f.name] = (bool(like[i]), *where.at(i), col[i].as_py())
+            if f.name in self.first:
+                kind, *first = self.first[f.name]
+                odd = other if kind else like
+                if odd.any():
+                    i = int(np.flatnonzero(odd)[0])
+                    raise mixed_error(f, (*where.at(i), col[i].as_py()), tuple(first),
+                                      int(odd.sum()))
+
+
 Split = EncodedData | ParquetStream
 
 
@@ -245,10 +329,8 @@ def open_split(path: str | Path, spec: FeatureSpec, cfg: DataConfig, require_lab
 def resolve_loader(path: str | Path, cfg: DataConfig, loader: str | None = None) -> str:
     """``stream`` or ``memory`` for ``path``, as ``loader`` (else ``data.loader``) says."""
     how = loader or cfg.loader
-    fmt = cfg.format
     p = Path(path)
-    if fmt == "auto":
-        fmt = "csv" if p.is_file() and p.suffix.lower() in (".csv", ".txt") else "parquet"
+    fmt = file_format(p, cfg)
     if how == "auto":
         how = "stream" if fmt == "parquet" else "memory"
     if how == "stream" and fmt != "parquet":
