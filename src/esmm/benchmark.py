@@ -60,37 +60,29 @@ from esmm.errors import DataError, UsageError
 from esmm.evaluate import evaluate_arrays, predict_arrays
 from esmm.features import spec_from_config
 from esmm.metrics import METRIC_ORDER, format_table
-from esmm.models import model_names
+from esmm.models import entries, model_names, reference_entry
 from esmm.train import _progress_enabled, load_model, train
 
 log = logging.getLogger(__name__)
 
-PAPER_METHODS = ("base", "aman", "oversampling", "unbias", "division", "esmm_ns", "esmm")
-SWEEP_METHODS = ("base", "division", "esmm_ns", "esmm")
-DISPLAY = {"base": "BASE", "aman": "AMAN", "oversampling": "OVERSAMPLING", "unbias": "UNBIAS",
-           "division": "DIVISION", "esmm_ns": "ESMM-NS", "esmm": "ESMM",
-           "ctr_net": "CTR net"}
-# Ali-CCP, Table 2 of arXiv 1804.07931: AUC (%) mean and std over 10 runs:
-# (CVR AUC on clicked impressions, its std, CTCVR AUC on all impressions, its std).
-PAPER_TABLE2: dict[str, tuple[float, float, float, float]] = {
-    "base": (66.00, 0.37, 62.07, 0.45),
-    "aman": (65.21, 0.59, 63.53, 0.57),
-    "oversampling": (67.18, 0.32, 63.05, 0.48),
-    "unbias": (66.65, 0.28, 63.56, 0.70),
-    "division": (67.56, 0.48, 63.62, 0.09),
-    "esmm_ns": (68.25, 0.44, 64.44, 0.62),
-    "esmm": (68.56, 0.37, 65.32, 0.49),
-}
-MONITOR = {"base": "cvr_auc", "aman": "cvr_auc", "oversampling": "cvr_auc",
-           "unbias": "cvr_auc", "division": "ctcvr_auc", "esmm_ns": "ctcvr_auc",
-           "esmm": "ctcvr_auc"}
-CLICKED_ONLY = ("base", "oversampling", "unbias")
-# Methods whose pCTCVR is pCVR x pCTR of an independent CTR net: in the benchmark that pCTR comes
-# from one reference CTR net per seed (the BASE architecture, early-stopped on ctr_auc), as in
-# the paper, so a CVR net early-stopped on cvr_auc is not paired with an over-trained CTR net.
-CTR_FROM_REFERENCE = ("base", "aman", "oversampling", "unbias")
+# Every per-method fact comes from the model registry (``esmm.models.ModelEntry``).
+PAPER_METHODS = tuple(e.name for e in entries("paper"))
+SWEEP_METHODS = tuple(e.name for e in entries("sweep"))
+ZOO_METHODS = tuple(e.name for e in entries("zoo"))
 CTR_NET = "ctr_net"
-CTR_NET_MODEL = "base"
+DISPLAY = {**{e.name: e.display for e in entries()}, CTR_NET: "CTR net"}
+# Ali-CCP, Table 2 of arXiv 1804.07931 (see ``ModelEntry.paper_table2``).
+PAPER_TABLE2: dict[str, tuple[float, float, float, float]] = {
+    e.name: e.paper_table2 for e in entries() if e.paper_table2 is not None}
+MONITOR = {e.name: e.benchmark_monitor for e in entries()}
+CLICKED_ONLY = tuple(e.name for e in entries() if e.clicked_only)
+# Methods whose pCTCVR is pCVR x pCTR of an independent CTR net: in the benchmark that pCTR comes
+# from one reference CTR net per seed (the reference model's architecture, early-stopped on
+# ctr_auc), as in the paper, so a CVR net early-stopped on cvr_auc is not paired with an
+# over-trained CTR net.
+CTR_FROM_REFERENCE = tuple(e.name for e in entries() if e.ctr_from_reference)
+REFERENCE = reference_entry().name
+CTR_NET_MODEL = REFERENCE
 _P_CTR_FILE = "test_p_ctr.npy"
 CLICKED_ONLY_EPOCH_FACTOR = 3
 REPORT_METRICS = ("cvr_auc", "ctcvr_auc", "cvr_auc_entire_space")
@@ -123,7 +115,7 @@ def parse_methods(text: str | Sequence[str] | None, default: Sequence[str]) -> l
 
 
 def parse_budgets(items: Sequence[str]) -> dict[str, int]:
-    """``["base=12", "esmm=4"]`` -> ``{"base": 12, "esmm": 4}`` (epoch caps; ``ctr_net`` is
+    """``["METHOD=12", ...]`` -> ``{METHOD: 12, ...}`` (epoch caps; ``ctr_net`` is
     the reference CTR net)."""
     out: dict[str, int] = {}
     for it in items:
@@ -462,7 +454,7 @@ def mean_std(x: np.ndarray) -> tuple[float, float]:
 
 
 def paired_diff(rows: Sequence[dict[str, Any]], method: str, metric: str,
-                against: str = "base") -> np.ndarray:
+                against: str = REFERENCE) -> np.ndarray:
     """Per-seed ``method - against`` of ``metric`` over the seeds both have (nan dropped)."""
     ref = {r["seed"]: float(r[metric]) for r in rows
            if r["method"] == against and metric in r}
@@ -522,7 +514,7 @@ def paper_chart(path: Path, rows: Sequence[dict[str, Any]], methods: Sequence[st
                 metrics: Sequence[str], seeds: int) -> None:
     """AUC per method (mean, error bar = std over seeds) and the paired difference from BASE."""
     plt = _pyplot()
-    with_base = "base" in methods and len(methods) > 1
+    with_base = REFERENCE in methods and len(methods) > 1
     fig, axes = plt.subplots(1, 2 if with_base else 1, figsize=(13 if with_base else 7, 4.5),
                              squeeze=False)
     x = np.arange(len(methods))
@@ -540,7 +532,7 @@ def paper_chart(path: Path, rows: Sequence[dict[str, Any]], methods: Sequence[st
     ax.legend(fontsize=8)
     if with_base:
         ax = axes[0][1]
-        others = [m for m in methods if m != "base"]
+        others = [m for m in methods if m != REFERENCE]
         xo = np.arange(len(others))
         for i, k in enumerate(metrics):
             stats = [mean_std(paired_diff(rows, m, k)) for m in others]
@@ -550,7 +542,7 @@ def paper_chart(path: Path, rows: Sequence[dict[str, Any]], methods: Sequence[st
         ax.axhline(0.0, color="black", linewidth=0.8)
         ax.set_xticks(xo, [DISPLAY.get(m, m) for m in others], rotation=30, ha="right")
         ax.set_ylabel("AUC difference")
-        ax.set_title("Paired per-seed difference from BASE")
+        ax.set_title(f"Paired per-seed difference from {DISPLAY[REFERENCE]}")
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -616,20 +608,21 @@ def paper_report(rows: Sequence[dict[str, Any]], methods: Sequence[str], seeds: 
         lines.append(f"| {DISPLAY.get(m, m)} | " + " | ".join(cells) + " |")
     lines += ["", "The paper's numbers are on Ali-CCP (10 runs); on other data only the order "
               "of the methods and the size of the gaps compare.", ""]
-    if "base" in methods and len(methods) > 1:
-        lines += ["## Paired difference from BASE (AUC points, per seed: mean ± std; "
-                  "seeds where the method beats BASE)", ""]
+    if REFERENCE in methods and len(methods) > 1:
+        ref = DISPLAY[REFERENCE]
+        lines += [f"## Paired difference from {ref} (AUC points, per seed: mean ± std; "
+                  f"seeds where the method beats {ref})", ""]
         lines.append("| model | " + " | ".join(metrics) + " |")
         lines.append("|---|" + "---:|" * len(metrics))
         for m in methods:
-            if m == "base":
+            if m == REFERENCE:
                 continue
             cells = []
             for k in metrics:
                 d = paired_diff(rows, m, k)
                 cells.append(f"{_pct(*mean_std(d), signed=True)} ({int((d > 0).sum())}/{len(d)})"
                              if len(d) else "")
-            lines.append(f"| {DISPLAY.get(m, m)} - BASE | " + " | ".join(cells) + " |")
+            lines.append(f"| {DISPLAY.get(m, m)} - {ref} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += ["![AUC per method](auc.png)", "", "## Every run (test split)", ""]
     table = {f"{DISPLAY.get(r['method'], r['method'])} (seed {r['seed']})": r for r in rows}
@@ -722,7 +715,7 @@ def sweep_summary(rows: Sequence[dict[str, Any]], methods: Sequence[str],
                                    "seeds": len(_values(sub, m, "ctr_auc"))}
             for k in metrics:
                 row[f"{k}_mean"], row[f"{k}_std"] = mean_std(_values(sub, m, k))
-                if m != "base" and "base" in methods:
+                if m != REFERENCE and REFERENCE in methods:
                     row[f"{k}_minus_base_mean"], row[f"{k}_minus_base_std"] = mean_std(
                         paired_diff(sub, m, k))
             out.append(row)
@@ -768,12 +761,13 @@ def sweep_report(summary: Sequence[dict[str, Any]], methods: Sequence[str],
             cells_txt = [_pct(by[(c, s, m)][f"{k}_mean"], by[(c, s, m)][f"{k}_std"])
                          for m in methods]
             lines.append(f"| {c:g} | {s:g} | " + " | ".join(cells_txt) + " |")
-        others = [m for m in methods if m != "base"]
-        if "base" in methods and others:
-            lines += ["", f"Paired difference from BASE, `{k}` (AUC points, mean ± std over "
+        others = [m for m in methods if m != REFERENCE]
+        if REFERENCE in methods and others:
+            lines += ["", f"Paired difference from {DISPLAY[REFERENCE]}, `{k}` (AUC points, "
+                      "mean ± std over "
                       "seeds):", ""]
             lines.append("| cvr | selection | " + " | ".join(
-                f"{DISPLAY.get(m, m)} - BASE" for m in others) + " |")
+                f"{DISPLAY.get(m, m)} - {DISPLAY[REFERENCE]}" for m in others) + " |")
             lines.append("|---:|---:|" + "---:|" * len(others))
             for c, s in cells:
                 cells_txt = [_pct(by[(c, s, m)][f"{k}_minus_base_mean"],

@@ -234,20 +234,32 @@ def demo(
     rows: int = typer.Option(None, min=1000, help="Training impressions (default: the demo's "
                              "size, chosen to finish in minutes on 2 cores)."),
     seeds: int = typer.Option(1, min=1, help="Seeds per model; with more than one the report "
-                              "adds mean +- std and paired differences against BASE."),
-    models: str = typer.Option("base,esmm_ns,esmm", help="Comma-separated models to train."),
+                              "adds mean +- std and paired differences against the reference "
+                              "model (BASE)."),
+    models: str = typer.Option(None, help="Comma-separated models to train (default: BASE, "
+                               "ESMM-NS and ESMM; `esmm models` lists every model)."),
     knob: list[str] = typer.Option([], "--sim-set", help="Override a simulator knob "
                                    "(repeatable), e.g. --sim-set selection=1.0."),
     overrides: list[str] = typer.Option([], "--set", help=SET_HELP),
 ) -> None:
     """Simulate data, train BASE, ESMM-NS and ESMM, print one table and write report.md."""
-    from esmm.demo import run_demo
+    from esmm.benchmark import parse_methods
+    from esmm.demo import DEMO_MODELS, run_demo
 
     report = run_demo(out, preset=preset, rows=rows, seeds=seeds,
-                      models=[m.strip() for m in models.split(",") if m.strip()],
+                      models=parse_methods(models, DEMO_MODELS),
                       knobs=_parse_knobs(knob), overrides=overrides)
     typer.echo(report)
     typer.echo(f"report written to {out / 'report.md'}")
+
+
+@app.command("models")
+@_errors
+def models_cmd() -> None:
+    """List every model (`model.name`): its backbone, head, idea and source, as Markdown."""
+    from esmm.models.catalog import models_table
+
+    typer.echo(models_table())
 
 
 @app.command()
@@ -323,9 +335,9 @@ def benchmark_paper(
                               "OUT/data."),
     seeds: int = typer.Option(3, min=1, help="Runs per method (the paper: 10); seed k changes "
                               "the initialisation and shuffling, never the data."),
-    methods: str = typer.Option(",".join(("base", "aman", "oversampling", "unbias",
-                                          "division", "esmm_ns", "esmm")),
-                                help="Comma-separated methods, in report order."),
+    methods: str = typer.Option(None, help="Comma-separated methods, in report order "
+                                "(default: the paper's seven, BASE to ESMM; `esmm models` "
+                                "lists every model)."),
     overrides: list[str] = typer.Option([], "--set", help=SET_HELP + " Applies to every "
                                         "method, e.g. --set model.oversample_k=3."),
     rows: int = typer.Option(None, min=1000, help="Training impressions when simulating "
@@ -343,10 +355,11 @@ def benchmark_paper(
     Writes mean +- std per method beside the published Ali-CCP numbers, paired per-seed
     differences from BASE, results.csv and a chart.
     """
-    from esmm.benchmark import parse_budgets, parse_methods, run_paper
+    from esmm.benchmark import PAPER_METHODS, parse_budgets, parse_methods, run_paper
 
     report = run_paper(out, data=data, seeds=seeds,
-                       methods=parse_methods(methods, ()), overrides=overrides, rows=rows,
+                       methods=parse_methods(methods, PAPER_METHODS), overrides=overrides,
+                       rows=rows,
                        preset=preset, knobs=_parse_knobs(knob), budgets=parse_budgets(budget),
                        fresh=fresh, keep_checkpoints=keep_checkpoints)
     typer.echo(report)
@@ -366,8 +379,8 @@ def benchmark_bias_sweep(
     seeds: int = typer.Option(2, min=1, help="Runs per method and cell."),
     rows: int = typer.Option(200_000, min=1000, help="Training impressions per cell "
                              "(valid rows/4, test rows/2)."),
-    methods: str = typer.Option("base,division,esmm_ns,esmm",
-                                help="Comma-separated methods."),
+    methods: str = typer.Option(None, help="Comma-separated methods (default: BASE, "
+                                "DIVISION, ESMM-NS and ESMM)."),
     preset: str = typer.Option("dense", help="Simulator preset the grid modifies."),
     knob: list[str] = typer.Option([], "--sim-set", help="Override another simulator knob in "
                                    "every cell (repeatable), e.g. --sim-set "
@@ -382,11 +395,17 @@ def benchmark_bias_sweep(
     Writes tables (Markdown, CSV) and line charts of cvr_auc_entire_space, cvr_auc and
     ctcvr_auc.
     """
-    from esmm.benchmark import parse_budgets, parse_floats, parse_methods, run_bias_sweep
+    from esmm.benchmark import (
+        SWEEP_METHODS,
+        parse_budgets,
+        parse_floats,
+        parse_methods,
+        run_bias_sweep,
+    )
 
     report = run_bias_sweep(out, selection=parse_floats(selection, "--selection"),
                             cvr=parse_floats(cvr, "--cvr"), seeds=seeds, rows=rows,
-                            methods=parse_methods(methods, ()), preset=preset,
+                            methods=parse_methods(methods, SWEEP_METHODS), preset=preset,
                             knobs=_parse_knobs(knob), overrides=overrides,
                             budgets=parse_budgets(budget), fresh=fresh,
                             keep_checkpoints=keep_checkpoints)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -107,8 +107,81 @@ class FeatureConfig(_Strict):
         return self
 
 
+Widths = Annotated[list[Annotated[int, Field(gt=0)]], Field(min_length=1)]
+
+
+class NoBackboneConfig(_Strict):
+    """No backbone: each task tower reads the embeddings directly (ESMM, BASE)."""
+
+    name: Literal["none"] = "none"
+
+
+class SharedBottomConfig(_Strict):
+    """One MLP of widths ``bottom`` over the embeddings, shared by both task towers."""
+
+    name: Literal["shared_bottom"] = "shared_bottom"
+    bottom: Widths = Field(default_factory=lambda: [256, 128])
+
+
+class MMoEConfig(_Strict):
+    """``experts`` MLPs of widths ``expert``; one softmax gate per task mixes them."""
+
+    name: Literal["mmoe"] = "mmoe"
+    experts: int = Field(default=4, ge=1)
+    expert: Widths = Field(default_factory=lambda: [256, 128])
+
+
+class PLEConfig(_Strict):
+    """``levels`` CGC layers, each with ``task_experts`` experts per task and
+    ``shared_experts`` shared ones, all MLPs of widths ``expert``."""
+
+    name: Literal["ple"] = "ple"
+    levels: int = Field(default=2, ge=1)
+    task_experts: int = Field(default=2, ge=1)
+    shared_experts: int = Field(default=2, ge=1)
+    expert: Widths = Field(default_factory=lambda: [128, 64])
+
+
+class DBMTLConfig(_Strict):
+    """A shared ``bottom`` MLP (empty list: none), then the CVR tower's hidden output joined
+    with the CTR tower's through a ``relation`` MLP."""
+
+    name: Literal["dbmtl"] = "dbmtl"
+    bottom: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [256])
+    relation: Widths = Field(default_factory=lambda: [64])
+
+
+class AITMConfig(_Strict):
+    """Attention transfer from the click tower to the conversion tower; ``calibrator`` is the
+    weight alpha of the behavioural-expectation calibrator loss."""
+
+    name: Literal["aitm"] = "aitm"
+    calibrator: float = Field(default=0.6, ge=0.0)
+
+
+BackboneConfig = Annotated[
+    NoBackboneConfig | SharedBottomConfig | MMoEConfig | PLEConfig | DBMTLConfig | AITMConfig,
+    Field(discriminator="name"),
+]
+
+
+class HeadConfig(_Strict):
+    """How per-task logits become probabilities and losses.
+
+    ``independent``: loss_ctr over all impressions, loss_cvr over clicked ones.
+    ``entire_space``: ESMM's loss_ctr + loss_ctcvr over all impressions, pCTCVR = pCTR * pCVR.
+    ``ctcvr``: loss_ctr + loss_ctcvr over all impressions with pCTCVR from its own tower and
+    pCVR = min(pCTCVR / pCTR, 1).
+    """
+
+    name: Literal["independent", "entire_space", "ctcvr"] = "entire_space"
+
+
 class ModelConfig(_Strict):
     """Which model and its shape. Every tower is ``tower`` hidden layers then one logit.
+
+    ``backbone`` and ``head`` (null: the model's own, see docs/models.md) put any backbone
+    under any head, e.g. ``--set model.backbone.name=mmoe`` turns ``esmm`` into ESMM over MMoE.
 
     Method options (read only by the method they name):
         aman_rate: share of unclicked impressions AMAN uses as CVR negatives, in (0, 1].
@@ -125,6 +198,8 @@ class ModelConfig(_Strict):
     activation: Literal["relu", "gelu", "tanh"] = "relu"
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     batch_norm: bool = False
+    backbone: BackboneConfig | None = None
+    head: HeadConfig | None = None
     aman_rate: float = Field(default=1.0, gt=0.0, le=1.0)
     oversample_k: int = Field(default=5, ge=1)
     unbias_clip: float = Field(default=0.01, gt=0.0, le=1.0)

@@ -25,6 +25,7 @@ from esmm.errors import UsageError
 from esmm.evaluate import evaluate
 from esmm.features import spec_from_config
 from esmm.metrics import format_table
+from esmm.models import entries, reference_entry
 from esmm.train import load_model, train
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,9 @@ log = logging.getLogger(__name__)
 DEMO_ROWS = 500_000
 SIM_SEED = 2018
 KEY_METRICS = ("cvr_auc_entire_space", "ctcvr_auc", "cvr_auc", "ctr_auc")
-DISPLAY = {"base": "BASE", "esmm_ns": "ESMM-NS", "esmm": "ESMM"}
+DISPLAY = {e.name: e.display for e in entries()}
+REFERENCE = reference_entry().name
+DEMO_MODELS = tuple(e.name for e in entries("demo"))
 
 
 def demo_config(data_dir: Path) -> dict[str, Any]:
@@ -41,7 +44,7 @@ def demo_config(data_dir: Path) -> dict[str, Any]:
         "data": {"train": str(data_dir / "train"), "eval": str(data_dir / "valid"),
                  "test": str(data_dir / "test"), "user_column": "101"},
         "features": "aliccp",
-        "model": {"name": "esmm", "tower": [128, 64], "embedding_dim": 16},
+        "model": {"tower": [128, 64], "embedding_dim": 16},
         "train": {"batch_size": 2048, "epochs": 4, "optimizer": {"name": "adam", "lr": 0.002},
                   "seed": 0, "shuffle_block": 64, "eval_every": 50,
                   "early_stop": {"metric": "auto", "patience": 3}},
@@ -80,13 +83,14 @@ def _summary(results: list[dict[str, Any]], models: Sequence[str]) -> str:
     lines.append("|---|" + "---:|" * len(cols))
     for name, r in rows.items():
         lines.append(f"| {name} | " + " | ".join(r.get(c, "") for c in cols) + " |")
-    if "base" in models:
-        lines += ["", "### Paired difference against BASE, per seed (mean +- std; wins)", ""]
+    if REFERENCE in models:
+        ref = DISPLAY[REFERENCE]
+        lines += ["", f"### Paired difference against {ref}, per seed (mean +- std; wins)", ""]
         lines.append("| model | " + " | ".join(cols) + " |")
         lines.append("|---|" + "---:|" * len(cols))
-        base = {r["seed"]: r for r in results if r["model"] == "base"}
+        base = {r["seed"]: r for r in results if r["model"] == REFERENCE}
         for m in models:
-            if m == "base":
+            if m == REFERENCE:
                 continue
             cells = []
             for k in cols:
@@ -94,12 +98,12 @@ def _summary(results: list[dict[str, Any]], models: Sequence[str]) -> str:
                               if r["model"] == m and r["seed"] in base])
                 wins = int((d > 0).sum())
                 cells.append(f"{d.mean():+.4f} +- {d.std(ddof=1):.4f} ({wins}/{len(d)})")
-            lines.append(f"| {DISPLAY.get(m, m)} - BASE | " + " | ".join(cells) + " |")
+            lines.append(f"| {DISPLAY.get(m, m)} - {ref} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def run_demo(out: str | Path, *, preset: str = "aliccp", rows: int | None = None, seeds: int = 1,
-             models: Sequence[str] = ("base", "esmm_ns", "esmm"), knobs: dict | None = None,
+             models: Sequence[str] = DEMO_MODELS, knobs: dict | None = None,
              overrides: Sequence[str] = ()) -> str:
     """Run the demo into ``out`` and return the Markdown report (also written to report.md)."""
     from esmm.data.simulate import get_preset, write_simulation

@@ -7,9 +7,20 @@ from esmm.errors import ConfigError
 from esmm.features import FeatureSpec
 from esmm.models import baselines as _baselines  # noqa: F401  (aman, oversampling, ...)
 from esmm.models import esmm as _esmm  # noqa: F401  (registers esmm, esmm_ns, base)
-from esmm.models.base import OUTPUT_NAMES, MultiTaskModel, get_factory, model_names
+from esmm.models import zoo as _zoo  # noqa: F401  (shared_bottom, mmoe, ple, dbmtl, aitm, esmm_*)
+from esmm.models.base import (
+    OUTPUT_NAMES,
+    ModelEntry,
+    MultiTaskModel,
+    entries,
+    get_entry,
+    get_factory,
+    model_names,
+    reference_entry,
+)
 
-__all__ = ["OUTPUT_NAMES", "MultiTaskModel", "build_model", "model_names"]
+__all__ = ["OUTPUT_NAMES", "ModelEntry", "MultiTaskModel", "build_model", "entries",
+           "get_entry", "model_names", "reference_entry"]
 
 
 def build_model(cfg: Config, spec: FeatureSpec) -> MultiTaskModel:
