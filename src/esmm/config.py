@@ -247,6 +247,19 @@ class EarlyStopConfig(_Strict):
     patience: int | None = Field(default=3, ge=1)
 
 
+class LossWeightingConfig(_Strict):
+    """How task losses are weighted during training (see :mod:`esmm.loss_weighting`).
+
+    ``fixed``: ``train.loss_weights`` only. ``uncertainty``: learned log-variances (Kendall et
+    al., CVPR 2018). ``dwa``: Dynamic Weight Average (Liu et al., CVPR 2019) over windows of
+    ``window`` steps at temperature ``temperature``.
+    """
+
+    name: Literal["fixed", "uncertainty", "dwa"] = "fixed"
+    window: int = Field(default=100, ge=1)
+    temperature: float = Field(default=2.0, gt=0.0)
+
+
 class TrainConfig(_Strict):
     batch_size: int = Field(default=1024, gt=0)
     epochs: int = Field(default=1, gt=0)
@@ -258,6 +271,9 @@ class TrainConfig(_Strict):
     eval_every: int | None = Field(default=None, gt=0)
     eval_batch_size: int = Field(default=8192, gt=0)
     early_stop: EarlyStopConfig = Field(default_factory=EarlyStopConfig)
+    # Weight per named loss, e.g. {loss_ctcvr: 2.0} (unnamed losses weigh 1).
+    loss_weights: dict[str, Annotated[float, Field(ge=0.0)]] = Field(default_factory=dict)
+    loss_weighting: LossWeightingConfig = Field(default_factory=LossWeightingConfig)
     num_threads: int | None = Field(default=None, gt=0)
     progress: Literal["auto", "on", "off"] = "auto"
     checkpoint_interval_s: float = Field(default=60.0, ge=0.0)

@@ -370,7 +370,7 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False,
                     batch = batch.to(device)
                     out = model(batch)
                     losses = model.losses(out, batch)
-                    total = sum(losses.values())
+                    total = model.total_loss(losses)
                     if not torch.isfinite(total):
                         raise EsmmError(f"loss became {total.item()} at step {step + 1} "
                                         f"({ {k: v.item() for k, v in losses.items()} }); "
@@ -404,6 +404,9 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False,
                             row[k] = v / max(loss_count, 1)
                             tb.add_scalar(f"train/{k}", row[k], step)
                         loss_sums, loss_count = {}, 0
+                        for k, w in model.loss_weights().items():
+                            row[f"weight_{k}"] = w
+                            tb.add_scalar(f"weight/{k}", w, step)
                         if eval_data is not None:
                             metrics = evaluate(model, eval_data, tc.eval_batch_size)
                             row.update(metrics)

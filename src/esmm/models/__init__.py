@@ -5,6 +5,7 @@ from __future__ import annotations
 from esmm.config import Config
 from esmm.errors import ConfigError
 from esmm.features import FeatureSpec
+from esmm.loss_weighting import build_loss_weighting
 from esmm.models import baselines as _baselines  # noqa: F401  (aman, oversampling, ...)
 from esmm.models import esmm as _esmm  # noqa: F401  (registers esmm, esmm_ns, base)
 from esmm.models import zoo as _zoo  # noqa: F401  (shared_bottom, mmoe, ple, dbmtl, aitm, esmm_*)
@@ -30,4 +31,6 @@ def build_model(cfg: Config, spec: FeatureSpec) -> MultiTaskModel:
         raise ConfigError(f"model.name: unknown model {cfg.model.name!r}; "
                           f"expected one of {model_names()}")
     sparse = cfg.train.sparse_optimizer.name != "dense"
-    return factory(cfg.model, spec, sparse)
+    model = factory(cfg.model, spec, sparse)
+    model.loss_weighting = build_loss_weighting(cfg.train, model.loss_names)
+    return model

@@ -37,8 +37,11 @@ class AITM(Backbone):
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         return t_ctr, self.attention(t_ctr, t_cvr)[0]
 
+    def extra_loss_names(self, head) -> tuple[str, ...]:
+        return () if head.ctcvr_below_ctr or self.alpha == 0.0 else ("loss_calibration",)
+
     def extra_losses(self, probs: dict[str, torch.Tensor], head) -> dict[str, torch.Tensor]:
-        if head.ctcvr_below_ctr or self.alpha == 0.0:
+        if not self.extra_loss_names(head):
             return {}
         gap = torch.relu(probs["p_ctcvr"] - probs["p_ctr"])  # (B,)
         return {"loss_calibration": self.alpha * gap.mean()}

@@ -45,6 +45,10 @@ class Backbone(nn.Module):
         """Towers' last hidden outputs (B, H) each -> the logit layers' inputs (B, H) each."""
         return t_ctr, t_cvr
 
+    def extra_loss_names(self, head) -> tuple[str, ...]:
+        """Names of the terms ``extra_losses`` returns under ``head``."""
+        return ()
+
     def extra_losses(self, probs: dict[str, torch.Tensor], head) -> dict[str, torch.Tensor]:
         """Loss terms of the backbone itself, from the head's probabilities."""
         return {}

@@ -52,6 +52,22 @@ class MultiTaskModel(nn.Module):
     def losses(self, out: dict[str, torch.Tensor], batch) -> dict[str, torch.Tensor]:
         raise NotImplementedError  # pragma: no cover - abstract
 
+    @property
+    def loss_names(self) -> tuple[str, ...]:
+        """Names of the losses ``losses`` returns, in order."""
+        return self.head.loss_names
+
+    def total_loss(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The scalar training minimises: the losses weighted by ``loss_weighting`` (set by
+        ``build_model`` from ``train.loss_weights`` / ``train.loss_weighting``), else summed."""
+        weighting = getattr(self, "loss_weighting", None)
+        return sum(losses.values()) if weighting is None else weighting(losses)
+
+    def loss_weights(self) -> dict[str, float]:
+        """The weight each named loss gets now (1 for all without a weighting)."""
+        weighting = getattr(self, "loss_weighting", None)
+        return {n: 1.0 for n in self.loss_names} if weighting is None else weighting.weights()
+
 
 @dataclass(frozen=True)
 class ModelEntry:

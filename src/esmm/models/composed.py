@@ -65,6 +65,10 @@ class ComposedModel(MultiTaskModel):
     def monitor(self) -> str:  # type: ignore[override]
         return self.head.monitor
 
+    @property
+    def loss_names(self) -> tuple[str, ...]:
+        return (*self.head.loss_names, *self.backbone.extra_loss_names(self.head))
+
     def embed(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """The towers' embedded inputs, each (B, D)."""
         x = getattr(self, self.embedding_names[0])(batch)

@@ -50,6 +50,7 @@ class Head:
     ``ctcvr_below_ctr``: pCTCVR <= pCTR holds by construction."""
 
     name = ""
+    loss_names: tuple[str, ...] = ("loss_ctr", "loss_ctcvr")
     second = "cvr_logit"
     monitor = "ctr_logloss+ctcvr_logloss"
     benchmark_monitor = "ctcvr_auc"
@@ -72,6 +73,7 @@ class IndependentHead(Head):
     """CTR over all impressions, CVR over clicked impressions (BASE's losses)."""
 
     name = "independent"
+    loss_names = ("loss_ctr", "loss_cvr")
     monitor = "ctr_logloss+cvr_logloss"
     benchmark_monitor = "cvr_auc"
     clicked_only = True
