@@ -309,7 +309,8 @@ def serve(
 
 benchmark_app = typer.Typer(
     no_args_is_help=True,
-    help="Compare ESMM with the paper's baselines: `paper` (Table 2) and `bias-sweep`.",
+    help="Compare models: `paper` (the ESMM paper's Table 2), `bias-sweep` and `zoo` (the "
+    "multi-task seesaw).",
 )
 app.add_typer(benchmark_app, name="benchmark")
 
@@ -364,6 +365,50 @@ def benchmark_paper(
                        fresh=fresh, keep_checkpoints=keep_checkpoints)
     typer.echo(report)
     typer.echo(f"report written to {out / 'report.md'} (results.csv, auc.png beside it)")
+
+
+@benchmark_app.command("zoo")
+@_errors
+def benchmark_zoo(
+    out: Path = typer.Option(..., "--out", "-o", help="Report folder: results.csv (one row "
+                             "per model and seed), report.md, seesaw.png, runs/ (and data/ "
+                             "when simulating)."),
+    data: Path = typer.Option(None, "--data", help="Folder with train/, valid/ and test/ (as "
+                              "`esmm simulate --out DIR` writes). Default: simulate one into "
+                              "OUT/data."),
+    seeds: int = typer.Option(3, min=1, help="Runs per model; seed k changes the "
+                              "initialisation and shuffling, never the data."),
+    methods: str = typer.Option(None, help="Comma-separated models, in report order "
+                                "(default: BASE as the single-task reference, every zoo "
+                                "backbone under its own head and under ESMM's, ESMM-NS, ESMM; "
+                                "`esmm models` lists them)."),
+    overrides: list[str] = typer.Option([], "--set", help=SET_HELP + " Applies to every "
+                                        "model."),
+    rows: int = typer.Option(None, min=1000, help="Training impressions when simulating "
+                             "(default 500000; valid rows/4, test rows/2)."),
+    preset: str = typer.Option("aliccp", help="Simulator preset when simulating."),
+    knob: list[str] = typer.Option([], "--sim-set", help="Override a simulator knob when "
+                                   "simulating (repeatable)."),
+    budget: list[str] = typer.Option([], "--budget", help="Epoch cap of one model, "
+                                     "METHOD=EPOCHS (repeatable); default train.epochs for "
+                                     "every model."),
+    fresh: bool = typer.Option(False, "--fresh", help=FRESH_HELP),
+    keep_checkpoints: bool = typer.Option(False, "--keep-checkpoints", help=KEEP_HELP),
+) -> None:
+    """The seesaw benchmark: does a multi-task model move CTR and CVR AUC together?
+
+    Every model on the same splits and seeds, the same epoch cap and early stopping (the sum
+    of the validation CTR and CVR AUCs); a table of every AUC (mean +- std, paired difference
+    from the single-task reference and wins) and a CTR-against-CVR chart.
+    """
+    from esmm.benchmark import ZOO_METHODS, parse_budgets, parse_methods, run_zoo
+
+    report = run_zoo(out, data=data, seeds=seeds, methods=parse_methods(methods, ZOO_METHODS),
+                     overrides=overrides, rows=rows, preset=preset, knobs=_parse_knobs(knob),
+                     budgets=parse_budgets(budget), fresh=fresh,
+                     keep_checkpoints=keep_checkpoints)
+    typer.echo(report)
+    typer.echo(f"report written to {out / 'report.md'} (results.csv, seesaw.png beside it)")
 
 
 @benchmark_app.command("bias-sweep")

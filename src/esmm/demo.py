@@ -24,6 +24,7 @@ from esmm.data.tables import load_split
 from esmm.errors import UsageError
 from esmm.evaluate import evaluate
 from esmm.features import spec_from_config
+from esmm.fsio import atomic_write, write_text
 from esmm.metrics import format_table
 from esmm.models import entries, reference_entry
 from esmm.train import load_model, train
@@ -126,7 +127,7 @@ def run_demo(out: str | Path, *, preset: str = "aliccp", rows: int | None = None
         meta = json.loads((data_dir / "simulation.json").read_text()) if (
             data_dir / "simulation.json").is_file() else dict(info)
         meta.update(expect)
-        (data_dir / "simulation.json").write_text(json.dumps(meta, indent=2, default=str))
+        write_text(data_dir / "simulation.json", json.dumps(meta, indent=2, default=str))
 
     base_tree = apply_overrides(demo_config(data_dir), overrides)
     cfg0 = config_from_dict(base_tree, "demo config")
@@ -181,8 +182,8 @@ def run_demo(out: str | Path, *, preset: str = "aliccp", rows: int | None = None
                "(what a CVR model is used for), and `cvr_auc_entire_space_oracle` is the same "
                "for the true p_conversion: the ceiling."]
     text = "\n".join(report) + "\n"
-    (out / "report.md").write_text(text)
-    with open(out / "results.csv", "w", newline="") as f:
+    write_text(out / "report.md", text)
+    with atomic_write(out / "results.csv", "w", newline="") as f:
         keys: list[str] = []
         for r in results:
             keys += [k for k in r if k not in keys]
