@@ -193,3 +193,47 @@ def test_fixed_architectures_refuse_a_backbone_or_head(sim, name, key, value):
                             "model": {"name": name, key: {"name": value}}})
     with pytest.raises(ConfigError, match=rf"model\.{key}"):
         build_model(cfg, spec_from_config(cfg))
+
+
+def test_cli_trains_esmm_over_mmoe_with_set(flat_data, tmp_path):
+    import yaml
+    from typer.testing import CliRunner
+
+    from esmm.cli import app
+    from tests.conftest import cli_output
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(small_config(flat_data["train"], flat_data["valid"],
+                                               max_steps=4)))
+    res = CliRunner().invoke(app, ["train", str(cfg), "--out", str(tmp_path / "run"),
+                                   "--set", "model.backbone.name=mmoe",
+                                   "--set", "model.backbone.experts=2",
+                                   "--set", "model.head.name=entire_space"])
+    assert res.exit_code == 0, cli_output(res)
+    model, cfg, *_ = load_model(tmp_path / "run")
+    assert type(model.backbone).__name__ == "MMoE" and len(model.backbone.gates) == 2
+    assert isinstance(model.head, EntireSpaceHead)
+    res = CliRunner().invoke(app, ["train", str(tmp_path / "c.yaml"), "--out",
+                                   str(tmp_path / "bad"), "--set", "model.backbone.name=mmoe",
+                                   "--set", "model.backbone.expert=[]"])
+    assert res.exit_code == 2 and "model.backbone.mmoe.expert" in cli_output(res)
+    res = CliRunner().invoke(app, ["models"])
+    assert res.exit_code == 0 and "| `esmm_mmoe` | ESMM-MMoE | mmoe | entire_space |" in res.output
+
+
+# Parameter names are checkpoint keys: the paper's models keep the names they were saved with.
+SAVED_KEYS = {
+    "esmm": {"embedding", "ctr_tower", "cvr_tower"},
+    "esmm_ns": {"embedding", "cvr_embedding", "ctr_tower", "cvr_tower"},
+    "base": {"ctr_embedding", "cvr_embedding", "ctr_tower", "cvr_tower"},
+    "aman": {"ctr_embedding", "cvr_embedding", "ctr_tower", "cvr_tower", "sample_salt"},
+    "division": {"ctr_embedding", "ctcvr_embedding", "ctr_tower", "ctcvr_tower"},
+}
+
+
+@pytest.mark.parametrize("name", sorted(SAVED_KEYS))
+def test_paper_models_keep_their_checkpoint_keys(name):
+    cfg = config_from_dict({"features": FEATURES, "model": {"name": name, "tower": [4]}})
+    keys = build_model(cfg, spec_from_config(cfg)).state_dict()
+    assert {k.split(".")[0] for k in keys} == SAVED_KEYS[name]
+    assert "ctr_tower.net.0.weight" in keys and "ctr_tower.net.2.bias" in keys
