@@ -340,7 +340,7 @@ def benchmark_paper(
                                 "(default: the paper's seven, BASE to ESMM; `esmm models` "
                                 "lists every model)."),
     overrides: list[str] = typer.Option([], "--set", help=SET_HELP + " Applies to every "
-                                        "method, e.g. --set model.oversample_k=3."),
+                                        "method, e.g. --set model.oversampling.k=3."),
     rows: int = typer.Option(None, min=1000, help="Training impressions when simulating "
                              "(default 500000; valid rows/4, test rows/2)."),
     preset: str = typer.Option("aliccp", help="Simulator preset when simulating (see `esmm "

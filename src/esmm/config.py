@@ -177,19 +177,47 @@ class HeadConfig(_Strict):
     name: Literal["independent", "entire_space", "ctcvr"] = "entire_space"
 
 
+class AmanConfig(_Strict):
+    """AMAN: ``rate``, the share of unclicked impressions used as CVR negatives, in (0, 1]."""
+
+    rate: float = Field(default=1.0, gt=0.0, le=1.0)
+
+
+class OversamplingConfig(_Strict):
+    """OVERSAMPLING: ``k`` copies of each clicked-and-converted impression in the CVR loss
+    (>= 1; 1 is BASE)."""
+
+    k: int = Field(default=5, ge=1)
+
+
+class UnbiasConfig(_Strict):
+    """UNBIAS: ``clip``, the lower bound on the click propensity in the weights 1 / pCTR, in
+    (0, 1]; weights are at most 1 / clip."""
+
+    clip: float = Field(default=0.01, gt=0.0, le=1.0)
+
+
+class DivisionConfig(_Strict):
+    """DIVISION: ``clip``, the upper bound on pCVR = pCTCVR / pCTR, in (0, 1]."""
+
+    clip: float = Field(default=1.0, gt=0.0, le=1.0)
+
+
+# The flat method keys of earlier configs (and checkpoints) -> (method section, key).
+_FLAT_METHOD_KEYS = {"aman_rate": ("aman", "rate"), "oversample_k": ("oversampling", "k"),
+                     "unbias_clip": ("unbias", "clip"), "division_clip": ("division", "clip")}
+
+
 class ModelConfig(_Strict):
     """Which model and its shape. Every tower is ``tower`` hidden layers then one logit.
 
     ``backbone`` and ``head`` (null: the model's own, see docs/models.md) put any backbone
     under any head, e.g. ``--set model.backbone.name=mmoe`` turns ``esmm`` into ESMM over MMoE.
 
-    Method options (read only by the method they name):
-        aman_rate: share of unclicked impressions AMAN uses as CVR negatives, in (0, 1].
-        oversample_k: copies of each clicked-and-converted impression in OVERSAMPLING's CVR
-            loss (>= 1; 1 is BASE).
-        unbias_clip: lower bound on the click propensity in UNBIAS's weights 1 / pCTR, in
-            (0, 1]; weights are at most 1 / unbias_clip.
-        division_clip: upper bound on DIVISION's pCVR = pCTCVR / pCTR, in (0, 1].
+    Method options sit under the method they belong to and are read only by it:
+    ``aman: {rate}``, ``oversampling: {k}``, ``unbias: {clip}``, ``division: {clip}``. The flat
+    keys of earlier configs (``aman_rate``, ``oversample_k``, ``unbias_clip``,
+    ``division_clip``) are still read and set the same options (null: not given).
     """
 
     name: str = "esmm"
@@ -200,10 +228,14 @@ class ModelConfig(_Strict):
     batch_norm: bool = False
     backbone: BackboneConfig | None = None
     head: HeadConfig | None = None
-    aman_rate: float = Field(default=1.0, gt=0.0, le=1.0)
-    oversample_k: int = Field(default=5, ge=1)
-    unbias_clip: float = Field(default=0.01, gt=0.0, le=1.0)
-    division_clip: float = Field(default=1.0, gt=0.0, le=1.0)
+    aman: AmanConfig = Field(default_factory=AmanConfig)
+    oversampling: OversamplingConfig = Field(default_factory=OversamplingConfig)
+    unbias: UnbiasConfig = Field(default_factory=UnbiasConfig)
+    division: DivisionConfig = Field(default_factory=DivisionConfig)
+    aman_rate: float | None = Field(default=None, gt=0.0, le=1.0)
+    oversample_k: int | None = Field(default=None, ge=1)
+    unbias_clip: float | None = Field(default=None, gt=0.0, le=1.0)
+    division_clip: float | None = Field(default=None, gt=0.0, le=1.0)
 
     @field_validator("tower")
     @classmethod
@@ -211,6 +243,20 @@ class ModelConfig(_Strict):
         if not v or any(h <= 0 for h in v):
             raise ValueError(f"tower must be a non-empty list of positive widths, got {v}")
         return v
+
+    @model_validator(mode="after")
+    def _flat_method_keys(self) -> ModelConfig:
+        for flat, (section, key) in _FLAT_METHOD_KEYS.items():
+            value = getattr(self, flat)
+            if value is None:
+                continue
+            sub = getattr(self, section)
+            if key in sub.model_fields_set and getattr(sub, key) != value:
+                raise ValueError(f"{flat}={value} and {section}.{key}={getattr(sub, key)} "
+                                 f"disagree; give only {section}.{key}")
+            # Bypass validate_assignment, which would rerun this validator recursively.
+            object.__setattr__(sub, key, value)
+        return self
 
 
 class OptimizerConfig(_Strict):

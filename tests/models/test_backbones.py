@@ -237,3 +237,31 @@ def test_paper_models_keep_their_checkpoint_keys(name):
     keys = build_model(cfg, spec_from_config(cfg)).state_dict()
     assert {k.split(".")[0] for k in keys} == SAVED_KEYS[name]
     assert "ctr_tower.net.0.weight" in keys and "ctr_tower.net.2.bias" in keys
+
+
+@pytest.mark.parametrize("flat,section,key,value", [
+    ("aman_rate", "aman", "rate", 0.3), ("oversample_k", "oversampling", "k", 3),
+    ("unbias_clip", "unbias", "clip", 0.05), ("division_clip", "division", "clip", 0.5)])
+def test_method_knobs_live_under_their_method_and_flat_keys_still_read(flat, section, key,
+                                                                        value):
+    nested = load_config(None, [f"model.{section}.{key}={value}"])
+    assert getattr(getattr(nested.model, section), key) == value
+    old = load_config(None, [f"model.{flat}={value}"])  # configs and checkpoints before
+    assert getattr(getattr(old.model, section), key) == value
+    assert getattr(config_from_dict(old.to_dict()).model, section) == getattr(old.model,
+                                                                               section)
+    with pytest.raises(ConfigError, match=rf"{flat}={value} and {section}\.{key}=.* disagree"):
+        load_config(None, [f"model.{flat}={value}", f"model.{section}.{key}=1"])
+    with pytest.raises(ConfigError, match=rf"model\.{section}\.{key}"):
+        load_config(None, [f"model.{section}.{key}=0"])
+    with pytest.raises(ConfigError, match=rf"model\.{section}\.typo: unknown key"):
+        load_config(None, [f"model.{section}.typo=1"])
+
+
+def test_nested_knob_reaches_the_model(sim):
+    cfg = config_from_dict({"features": FEATURES,
+                            "model": {"name": "oversampling", "oversampling": {"k": 7}}})
+    assert build_model(cfg, spec_from_config(cfg)).k == 7
+    cfg = config_from_dict({"features": FEATURES,
+                            "model": {"name": "division", "division": {"clip": 0.25}}})
+    assert build_model(cfg, spec_from_config(cfg)).head.clip == 0.25

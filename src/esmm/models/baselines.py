@@ -5,15 +5,15 @@ tower, trained on clicks over all impressions), as BASE does, and ranks impressi
 pCTCVR = pCTR * pCVR; only DIVISION, which learns pCTCVR directly, differs.
 
     AMAN          CVR net over clicked impressions (label: conversion) plus unclicked
-                  impressions as negatives, a fraction ``aman_rate`` of them, chosen by a hash
+                  impressions as negatives, a fraction ``aman.rate`` of them, chosen by a hash
                   of the row position and a per-model salt (the same rows in every epoch).
     OVERSAMPLING  CVR net over clicked impressions; clicked-and-converted rows count
-                  ``oversample_k`` times (exactly the loss of a batch holding k copies of them).
+                  ``oversampling.k`` times (exactly the loss of a batch holding k copies of them).
     UNBIAS        CVR net over clicked impressions, each weighted by 1 / max(pCTR,
-                  ``unbias_clip``) from the CTR net (no gradient flows through the weight);
+                  ``unbias.clip``) from the CTR net (no gradient flows through the weight);
                   the weighted mean is self-normalised over the batch.
     DIVISION      a CTR net and a CTCVR net (label click * conversion over all impressions);
-                  pCVR = min(pCTCVR / pCTR, ``division_clip``), computed in log space.
+                  pCVR = min(pCTCVR / pCTR, ``division.clip``), computed in log space.
 
 Early stopping: the CVR-net methods watch ``cvr_auc`` (the validation AUC of the net that
 differs between them); DIVISION watches ``ctcvr_auc``, the task it is trained on.
@@ -77,7 +77,7 @@ class Aman(Base):
 
     def __init__(self, spec: FeatureSpec, cfg: ModelConfig, sparse: bool = True) -> None:
         super().__init__(spec, cfg, sparse=sparse)
-        self.rate = cfg.aman_rate
+        self.rate = cfg.aman.rate
         self.register_buffer("sample_salt", torch.randint(0, 1 << 62, (), dtype=torch.int64))
 
     def sampled_negatives(self, batch) -> torch.Tensor:
@@ -111,7 +111,7 @@ class Oversampling(Base):
 
     def __init__(self, spec: FeatureSpec, cfg: ModelConfig, sparse: bool = True) -> None:
         super().__init__(spec, cfg, sparse=sparse)
-        self.k = cfg.oversample_k
+        self.k = cfg.oversampling.k
 
     def cvr_weight(self, batch) -> torch.Tensor:
         """(B,) copies of each row in the CVR loss (0 for unclicked rows)."""
@@ -139,7 +139,7 @@ class Unbias(Base):
 
     def __init__(self, spec: FeatureSpec, cfg: ModelConfig, sparse: bool = True) -> None:
         super().__init__(spec, cfg, sparse=sparse)
-        self.clip = cfg.unbias_clip
+        self.clip = cfg.unbias.clip
 
     def cvr_weight(self, out, batch) -> torch.Tensor:
         """(B,) inverse-propensity weights, 0 for unclicked rows."""
@@ -172,8 +172,8 @@ class Division(MultiTaskModel):
         d = self.ctr_embedding.output_dim
         self.ctr_tower = tower(cfg, d)
         self.ctcvr_tower = tower(cfg, d)
-        self.head = CtcvrHead(cfg.division_clip)
-        self.clip = cfg.division_clip
+        self.head = CtcvrHead(cfg.division.clip)
+        self.clip = cfg.division.clip
 
     def log_p_cvr(self, ctr_logit: torch.Tensor, ctcvr_logit: torch.Tensor) -> torch.Tensor:
         """log pCVR = min(log pCTCVR - log pCTR, log clip): (B,), <= 0."""
@@ -196,14 +196,14 @@ _CVR_NET = dict(benchmark_monitor="cvr_auc", ctr_from_reference=True)
 
 @register("aman", display="AMAN", rank=1, paper_table2=(65.21, 0.59, 63.53, 0.57),
           summary="BASE plus unclicked impressions as CVR negatives, a fraction "
-          "`model.aman_rate` of them", **_PAPER, **_CVR_NET)
+          "`model.aman.rate` of them", **_PAPER, **_CVR_NET)
 def _aman(cfg: ModelConfig, spec: FeatureSpec, sparse: bool) -> MultiTaskModel:
     return Aman(spec, cfg, sparse=sparse)
 
 
 @register("oversampling", display="OVERSAMPLING", rank=2, clicked_only=True,
           paper_table2=(67.18, 0.32, 63.05, 0.48),
-          summary="BASE with each converted click counted `model.oversample_k` times",
+          summary="BASE with each converted click counted `model.oversampling.k` times",
           **_PAPER, **_CVR_NET)
 def _oversampling(cfg: ModelConfig, spec: FeatureSpec, sparse: bool) -> MultiTaskModel:
     return Oversampling(spec, cfg, sparse=sparse)
@@ -212,7 +212,7 @@ def _oversampling(cfg: ModelConfig, spec: FeatureSpec, sparse: bool) -> MultiTas
 @register("unbias", display="UNBIAS", rank=3, clicked_only=True,
           paper_table2=(66.65, 0.28, 63.56, 0.70),
           summary="BASE with clicked rows weighted by 1 / pCTR (clipped at "
-          "`model.unbias_clip`)", **_PAPER, **_CVR_NET)
+          "`model.unbias.clip`)", **_PAPER, **_CVR_NET)
 def _unbias(cfg: ModelConfig, spec: FeatureSpec, sparse: bool) -> MultiTaskModel:
     return Unbias(spec, cfg, sparse=sparse)
 
@@ -220,6 +220,6 @@ def _unbias(cfg: ModelConfig, spec: FeatureSpec, sparse: bool) -> MultiTaskModel
 @register("division", display="DIVISION", rank=4, paper_table2=(67.56, 0.48, 63.62, 0.09),
           benchmarks=frozenset({"paper", "sweep"}), citation=ESMM_CITATION,
           summary="independent CTR and CTCVR nets; pCVR = pCTCVR / pCTR, clipped at "
-          "`model.division_clip`", benchmark_monitor="ctcvr_auc")
+          "`model.division.clip`", benchmark_monitor="ctcvr_auc")
 def _division(cfg: ModelConfig, spec: FeatureSpec, sparse: bool) -> MultiTaskModel:
     return Division(spec, cfg, sparse=sparse)

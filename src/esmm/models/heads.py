@@ -143,6 +143,6 @@ class CtcvrHead(Head):
 HEADS: dict[str, type[Head]] = {h.name: h for h in (IndependentHead, EntireSpaceHead, CtcvrHead)}
 
 
-def make_head(name: str, division_clip: float = 1.0) -> Head:
-    """The head called ``name`` (``ctcvr`` takes its pCVR clip from ``division_clip``)."""
-    return CtcvrHead(division_clip) if name == "ctcvr" else HEADS[name]()
+def make_head(name: str) -> Head:
+    """The head called ``name`` with its defaults."""
+    return HEADS[name]()
