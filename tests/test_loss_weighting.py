@@ -8,6 +8,7 @@ import torch
 
 from esmm.config import config_from_dict
 from esmm.errors import ConfigError
+from esmm.export import export_run
 from esmm.loss_weighting import DynamicWeightAverage, UncertaintyWeighting
 from esmm.train import load_model, train
 from tests.conftest import small_config
@@ -88,3 +89,6 @@ def test_training_logs_the_weights_and_checkpoints_their_state(flat_data, tmp_pa
     got = model.loss_weights()
     assert (got["loss_ctr"], got["loss_ctcvr"]) == pytest.approx(weights[-1], rel=1e-6)
     assert res.step == 12
+    # The weighting's state does not get in the way of export.
+    meta = export_run(tmp_path / "run", "onnx", tmp_path / "m.onnx", parity_rows=32)
+    assert max(meta["parity"]["max_abs_diff"].values()) <= 1e-5
