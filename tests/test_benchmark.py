@@ -200,3 +200,5 @@ def test_seesaw_verdict_reads_the_paired_differences():
     assert benchmark.seesaw_verdict(rows(flat, flat), "m") == "neither moved"
     assert benchmark.seesaw_verdict(rows(up, flat), "m") == "one up, the other level"
     assert benchmark.seesaw_verdict(rows(up[:1], up[:1]), "m") == "too few seeds"
+    nan = [float("nan")] * 4
+    assert benchmark.seesaw_verdict(rows(up, nan), "m") == "`cvr_auc` not measured"

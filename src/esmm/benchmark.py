@@ -915,6 +915,9 @@ def seesaw_verdict(rows: Sequence[dict[str, Any]], method: str) -> str:
     signs = []
     for k in SEESAW_AXES:
         d = paired_diff(rows, method, k)
+        if len(d) == 0:
+            # e.g. no conversion among the clicked test rows: cvr_auc is undefined.
+            return f"`{k}` not measured"
         if len(d) < 2:
             return "too few seeds"
         se = float(d.std(ddof=1)) / math.sqrt(len(d))

@@ -12,12 +12,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from esmm.config import ModelConfig
 from esmm.features import FeatureSpec
 from esmm.metrics import DEFAULT_SPACES, MetricSpace
+from esmm.models.heads import product_probs
 
 OUTPUT_NAMES = ("p_ctr", "p_cvr", "p_ctcvr")
 
@@ -42,19 +42,15 @@ class MultiTaskModel(nn.Module):
 
         ``p_ctcvr`` is computed in log space so it does not underflow before the product.
         """
-        a, b = out["ctr_logit"], out["cvr_logit"]
-        return {
-            "p_ctr": torch.sigmoid(a),
-            "p_cvr": torch.sigmoid(b),
-            "p_ctcvr": torch.exp(F.logsigmoid(a) + F.logsigmoid(b)),
-        }
+        return product_probs(out["ctr_logit"], out["cvr_logit"])
 
     def losses(self, out: dict[str, torch.Tensor], batch) -> dict[str, torch.Tensor]:
         raise NotImplementedError  # pragma: no cover - abstract
 
     @property
     def loss_names(self) -> tuple[str, ...]:
-        """Names of the losses ``losses`` returns, in order."""
+        """Names of the losses ``losses`` returns, in order (a model without a ``head``
+        overrides this)."""
         return self.head.loss_names
 
     def total_loss(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -96,6 +92,9 @@ class ModelEntry:
         paper_table2: the Ali-CCP AUCs (%) of Table 2 of arXiv 1804.07931 (CVR AUC, std,
             CTCVR AUC, std), for methods the paper reports.
         backbone, head: the default backbone and head of a composed model (None otherwise).
+
+    The facts describe the model as registered: a run that overrides ``model.head`` (e.g.
+    ``esmm`` under the ``independent`` head) keeps the registered entry's benchmark facts.
     """
 
     name: str
