@@ -669,20 +669,7 @@ def run_paper(out: str | Path, *, data: str | Path | None = None, seeds: int = 3
     knobs = dict(knobs or {})
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    if data is not None:
-        if rows is not None or knobs:
-            raise UsageError("--rows and --sim-set describe simulated data; they cannot be "
-                             "combined with --data")
-        data_dir = Path(data)
-        check_data_dir(data_dir)
-        source = f"Data: `{data_dir}` (train / valid / test)."
-        sim_meta = None
-    else:
-        data_dir = out / "data"
-        sim_meta = ensure_simulation(data_dir, preset, knobs, rows or DEMO_ROWS)
-        source = (f"Data: simulated, preset `{preset}`, knobs {knobs or 'none'}, data seed "
-                  f"{SIM_SEED}, splits {split_rows_for(rows or DEMO_ROWS)}. Test split: "
-                  + json.dumps(_split_stats(sim_meta, "test"), default=str))
+    data_dir, source = _benchmark_data(out, data, rows, preset, knobs)
     tree = base_tree(data_dir, overrides)
     cfg0 = config_from_dict(tree, "benchmark config")
     jobs = make_jobs(tree, methods, seeds, out / "runs", budgets, overrides)

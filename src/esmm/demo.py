@@ -21,7 +21,6 @@ import numpy as np
 
 from esmm.config import apply_overrides, config_from_dict
 from esmm.data.tables import load_split
-from esmm.errors import UsageError
 from esmm.evaluate import evaluate
 from esmm.features import spec_from_config
 from esmm.fsio import atomic_write, write_text
@@ -103,19 +102,13 @@ def _summary(results: list[dict[str, Any]], models: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def run_demo(out: str | Path, *, preset: str = "aliccp", rows: int | None = None, seeds: int = 1,
-             models: Sequence[str] = DEMO_MODELS, knobs: dict | None = None,
-             overrides: Sequence[str] = ()) -> str:
-    """Run the demo into ``out`` and return the Markdown report (also written to report.md)."""
+def _demo_data(data_dir: Path, preset: str, split_rows: dict[str, int],
+               knobs: dict[str, Any]) -> dict[str, Any]:
+    """Simulate the demo's splits into ``data_dir`` unless the same set is already there;
+    returns the content of ``data_dir/simulation.json``."""
     from esmm.data.simulate import get_preset, write_simulation
 
-    out = Path(out)
-    rows = rows or DEMO_ROWS
-    knobs = knobs or {}
     sim = get_preset(preset, **knobs)
-    split_rows = {"train": rows, "valid": rows // 4, "test": rows // 2}
-    data_dir = out / "data"
-    t_start = time.perf_counter()
     expect = {"preset": preset, "seed": SIM_SEED, "rows": split_rows, "overrides": knobs}
     if _sim_matches(data_dir, expect):
         log.info("reusing simulated data in %s", data_dir)
@@ -128,40 +121,67 @@ def run_demo(out: str | Path, *, preset: str = "aliccp", rows: int | None = None
             data_dir / "simulation.json").is_file() else dict(info)
         meta.update(expect)
         write_text(data_dir / "simulation.json", json.dumps(meta, indent=2, default=str))
+    return json.loads((data_dir / "simulation.json").read_text())
 
-    base_tree = apply_overrides(demo_config(data_dir), overrides)
+
+def _train_models(base_tree: dict[str, Any], models: Sequence[str], seeds: int,
+                  runs: Path) -> list[dict[str, Any]]:
+    """Train every model once per seed on the demo's splits; one row of test metrics each."""
     cfg0 = config_from_dict(base_tree, "demo config")
     spec = spec_from_config(cfg0)
     train_data = load_split(cfg0.data.train, spec, cfg0.data)
     valid_data = load_split(cfg0.data.eval, spec, cfg0.data)
     test_data = load_split(cfg0.data.test, spec, cfg0.data)
-    runs = out / "runs"
     if runs.exists():
         shutil.rmtree(runs)
-
     results: list[dict[str, Any]] = []
     for seed in range(seeds):
         for m in models:
             tree = apply_overrides(base_tree, [f"model.name={m}", f"train.seed={seed}"])
             cfg = config_from_dict(tree, "demo config")
-            if cfg.model.name != m:
-                raise UsageError(f"unknown model {m!r}")
             t0 = time.perf_counter()
             res = train(cfg, runs / f"{m}-seed{seed}", train_data=train_data,
                         eval_data=valid_data)
             model, *_ = load_model(res.run_dir)
             metrics = evaluate(model, test_data, cfg.train.eval_batch_size)
-            row = {"model": m, "seed": seed, "best_step": res.best_step,
-                   "train_s": round(time.perf_counter() - t0, 1), **metrics}
-            results.append(row)
+            results.append({"model": m, "seed": seed, "best_step": res.best_step,
+                            "train_s": round(time.perf_counter() - t0, 1), **metrics})
             log.info("%s seed %d: %s", m, seed, {k: round(metrics[k], 4) for k in KEY_METRICS
                                                    if k in metrics})
+    return results
+
+
+def _write_results(path: Path, results: Sequence[dict[str, Any]]) -> None:
+    """Every run's row as CSV (nan written as ``nan``)."""
+    with atomic_write(path, "w", newline="") as f:
+        keys: list[str] = []
+        for r in results:
+            keys += [k for k in r if k not in keys]
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        for r in results:
+            w.writerow({k: (v if not (isinstance(v, float) and math.isnan(v)) else "nan")
+                        for k, v in r.items()})
+
+
+def run_demo(out: str | Path, *, preset: str = "aliccp", rows: int | None = None, seeds: int = 1,
+             models: Sequence[str] = DEMO_MODELS, knobs: dict | None = None,
+             overrides: Sequence[str] = ()) -> str:
+    """Run the demo into ``out`` and return the Markdown report (also written to report.md)."""
+    out = Path(out)
+    rows = rows or DEMO_ROWS
+    knobs = knobs or {}
+    split_rows = {"train": rows, "valid": rows // 4, "test": rows // 2}
+    data_dir = out / "data"
+    t_start = time.perf_counter()
+    sim_meta = _demo_data(data_dir, preset, split_rows, knobs)
+    base_tree = apply_overrides(demo_config(data_dir), overrides)
+    results = _train_models(base_tree, models, seeds, out / "runs")
 
     table_rows = {f"{DISPLAY.get(r['model'], r['model'])} (seed {r['seed']})": r
                   for r in results}
     metric_cols = [k for k in results[0] if k not in ("model", "seed", "best_step", "train_s")
                    and not k.startswith("n_") and isinstance(results[0][k], float)]
-    sim_meta = json.loads((data_dir / "simulation.json").read_text())
     report = [
         "# esmm demo report",
         "",
@@ -183,13 +203,5 @@ def run_demo(out: str | Path, *, preset: str = "aliccp", rows: int | None = None
                "for the true p_conversion: the ceiling."]
     text = "\n".join(report) + "\n"
     write_text(out / "report.md", text)
-    with atomic_write(out / "results.csv", "w", newline="") as f:
-        keys: list[str] = []
-        for r in results:
-            keys += [k for k in r if k not in keys]
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        for r in results:
-            w.writerow({k: (v if not (isinstance(v, float) and math.isnan(v)) else "nan")
-                        for k, v in r.items()})
+    _write_results(out / "results.csv", results)
     return text

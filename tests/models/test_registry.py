@@ -53,3 +53,18 @@ def test_zoo_pairs_share_backbone_and_differ_in_head():
         assert plain.backbone == esmm.backbone == b
         assert esmm.head == "entire_space" and plain.head != "entire_space"
         assert "zoo" in plain.benchmarks and "zoo" in esmm.benchmarks
+
+
+@pytest.mark.parametrize("cmd", [["demo"], ["benchmark", "paper"], ["benchmark", "zoo"],
+                                 ["benchmark", "bias-sweep"]])
+def test_unknown_model_in_a_list_exits_2_naming_it(tmp_path, cmd):
+    from typer.testing import CliRunner
+
+    from esmm.cli import app
+    from tests.conftest import cli_output
+
+    flag = "--models" if cmd == ["demo"] else "--methods"
+    res = CliRunner().invoke(app, [*cmd, "--out", str(tmp_path / "o"), flag, "esmm,mmoee"])
+    assert res.exit_code == 2, cli_output(res)
+    assert "mmoee" in cli_output(res) and "esmm_mmoe" in cli_output(res)
+    assert not (tmp_path / "o").exists()
