@@ -202,3 +202,16 @@ def test_seesaw_verdict_reads_the_paired_differences():
     assert benchmark.seesaw_verdict(rows(up[:1], up[:1]), "m") == "too few seeds"
     nan = [float("nan")] * 4
     assert benchmark.seesaw_verdict(rows(up, nan), "m") == "`cvr_auc` not measured"
+
+
+def test_paper_takes_zoo_models_beside_the_paper_methods(sim_dir, tmp_path):
+    out = tmp_path / "paper-zoo"
+    res = runner.invoke(app, ["benchmark", "paper", "--data", str(sim_dir), "--seeds", "1",
+                              "--out", str(out), "--methods", "base,esmm_mmoe,esmm_ple",
+                              "--budget", "base=1", "--budget", "ctr_net=1", *FAST])
+    assert res.exit_code == 0, _out(res)
+    rows = {r["method"]: r for r in _rows(out / "results.csv")}
+    assert set(rows) == {"base", "esmm_mmoe", "esmm_ple", benchmark.CTR_NET}
+    assert rows["esmm_mmoe"]["monitor"] == "ctcvr_auc"  # trained on CTCVR, as ESMM
+    report = (out / "report.md").read_text()
+    assert "| ESMM-MMoE |" in report and "| ESMM-PLE - BASE |" in report

@@ -337,8 +337,10 @@ def benchmark_paper(
     seeds: int = typer.Option(3, min=1, help="Runs per method (the paper: 10); seed k changes "
                               "the initialisation and shuffling, never the data."),
     methods: str = typer.Option(None, help="Comma-separated methods, in report order "
-                                "(default: the paper's seven, BASE to ESMM; `esmm models` "
-                                "lists every model)."),
+                                "(default: the paper's seven, BASE to ESMM). Any model of "
+                                "`esmm models` can join, e.g. --methods "
+                                "base,esmm,esmm_mmoe,esmm_ple to set ESMM over MMoE and PLE "
+                                "beside the paper's numbers."),
     overrides: list[str] = typer.Option([], "--set", help=SET_HELP + " Applies to every "
                                         "method, e.g. --set model.oversampling.k=3."),
     rows: int = typer.Option(None, min=1000, help="Training impressions when simulating "
