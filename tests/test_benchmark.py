@@ -134,7 +134,8 @@ def test_data_folder_is_checked(tmp_path, sim_dir):
 
 
 def test_help():
-    for cmd in (["benchmark"], ["benchmark", "paper"], ["benchmark", "bias-sweep"]):
+    for cmd in (["benchmark"], ["benchmark", "paper"], ["benchmark", "bias-sweep"],
+                ["benchmark", "zoo"]):
         res = runner.invoke(app, [*cmd, "--help"])
         assert res.exit_code == 0 and "--" in res.output
 
@@ -151,3 +152,66 @@ def test_statistics_helpers():
     assert benchmark.epoch_budget("esmm", 4, {"esmm": 9}) == 9
     with pytest.raises(UsageError):
         benchmark.parse_methods("", benchmark.PAPER_METHODS)
+
+
+def test_zoo_end_to_end_seesaw_table_chart_and_reuse(sim_dir, tmp_path, monkeypatch):
+    out = tmp_path / "zoo"
+    methods = ["base", "mmoe", "esmm_mmoe", "aitm", "esmm"]
+    args = ["benchmark", "zoo", "--data", str(sim_dir), "--seeds", "2", "--out", str(out),
+            "--methods", ",".join(methods), "--set", "train.epochs=1", *FAST]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, _out(res)
+    all_rows = _rows(out / "results.csv")
+    rows = [r for r in all_rows if r["method"] != benchmark.CTR_NET]
+    assert {(r["method"], r["seed"]) for r in rows} == {(m, s) for m in methods
+                                                       for s in ("0", "1")}
+    # One protocol for all: same cap, same early-stopping metric.
+    assert {r["monitor"] for r in rows} == {benchmark.ZOO_MONITOR}
+    assert {r["epochs"] for r in rows} == {"1"}
+    assert (out / "seesaw.png").read_bytes()[:4] == b"\x89PNG"
+    report = (out / "report.md").read_text()
+    assert "| MMoE - BASE |" in report and "| ESMM-MMoE |" in report and "| AITM |" in report
+    assert "moved both" in report and "`ctr_auc`" in report and "`cvr_auc`" in report
+    # The reference row takes its CTR AUC from the seed's single-task CTR net.
+    ref = {r["seed"]: r["ctr_auc"] for r in all_rows if r["method"] == benchmark.CTR_NET}
+    assert all(r["ctr_auc"] == ref[r["seed"]] for r in rows if r["method"] == "base")
+
+    def no_training(*a, **k):
+        raise AssertionError("trained again")
+
+    monkeypatch.setattr(benchmark, "train", no_training)
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, _out(res)
+    assert _rows(out / "results.csv") == all_rows
+
+
+def test_seesaw_verdict_reads_the_paired_differences():
+    def rows(ctr, cvr):
+        out = [{"method": "base", "seed": s, "ctr_auc": 0.6, "cvr_auc": 0.6} for s in range(4)]
+        out += [{"method": "m", "seed": s, "ctr_auc": 0.6 + c, "cvr_auc": 0.6 + v}
+                for s, (c, v) in enumerate(zip(ctr, cvr, strict=True))]
+        return out
+
+    up, down, flat = [0.02, 0.03, 0.025, 0.02], [-0.02, -0.03, -0.025, -0.02], [
+        0.01, -0.01, 0.005, -0.005]
+    assert benchmark.seesaw_verdict(rows(up, up), "m") == "both up"
+    assert benchmark.seesaw_verdict(rows(up, down), "m") == "seesaw: CTR up, CVR down"
+    assert benchmark.seesaw_verdict(rows(down, up), "m") == "seesaw: CVR up, CTR down"
+    assert benchmark.seesaw_verdict(rows(flat, flat), "m") == "neither moved"
+    assert benchmark.seesaw_verdict(rows(up, flat), "m") == "one up, the other level"
+    assert benchmark.seesaw_verdict(rows(up[:1], up[:1]), "m") == "too few seeds"
+    nan = [float("nan")] * 4
+    assert benchmark.seesaw_verdict(rows(up, nan), "m") == "`cvr_auc` not measured"
+
+
+def test_paper_takes_zoo_models_beside_the_paper_methods(sim_dir, tmp_path):
+    out = tmp_path / "paper-zoo"
+    res = runner.invoke(app, ["benchmark", "paper", "--data", str(sim_dir), "--seeds", "1",
+                              "--out", str(out), "--methods", "base,esmm_mmoe,esmm_ple",
+                              "--budget", "base=1", "--budget", "ctr_net=1", *FAST])
+    assert res.exit_code == 0, _out(res)
+    rows = {r["method"]: r for r in _rows(out / "results.csv")}
+    assert set(rows) == {"base", "esmm_mmoe", "esmm_ple", benchmark.CTR_NET}
+    assert rows["esmm_mmoe"]["monitor"] == "ctcvr_auc"  # trained on CTCVR, as ESMM
+    report = (out / "report.md").read_text()
+    assert "| ESMM-MMoE |" in report and "| ESMM-PLE - BASE |" in report

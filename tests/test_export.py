@@ -17,6 +17,7 @@ from esmm.config import DataConfig, config_from_dict
 from esmm.data.tables import RawTables, encode
 from esmm.errors import DataError, EsmmError, UsageError
 from esmm.evaluate import predict_arrays
+from esmm.models import model_names
 from esmm.train import load_model, train
 from tests.conftest import small_config
 
@@ -124,14 +125,32 @@ def test_normalized_eval_data_parity(normalized_data, tmp_path):
     assert max(meta["parity"]["max_abs_diff"].values()) <= 1e-5
 
 
-@pytest.mark.parametrize("name", ["esmm_ns", "base"])
-def test_other_models_export(flat_data, tmp_path, name):
+def _esmm_predict(run, rows_path, tmp_path):
+    """`esmm predict` output for ``rows_path``: name -> (N,) array."""
+    res = CliRunner().invoke(app, ["predict", str(run), "--data", str(rows_path),
+                                   "--out", str(tmp_path / "preds.parquet")])
+    assert res.exit_code == 0, res.output
+    return {k: np.asarray(v) for k, v in pq.read_table(tmp_path / "preds.parquet")
+            .to_pydict().items()}
+
+
+@pytest.mark.parametrize("name", model_names())
+def test_every_registered_model_exports_and_equals_esmm_predict(flat_data, tmp_path, name):
     cfg = small_config(flat_data["train"], max_steps=3)
     cfg["model"].update(name=name, batch_norm=True, dropout=0.1)
     train(config_from_dict(cfg), tmp_path / "run")
-    meta = ex.export_run(tmp_path / "run", "onnx", tmp_path / "m.onnx", parity_rows=64)
-    assert meta["model"] == name and meta["metrics"]["metrics"] == {}
-    assert max(meta["parity"]["max_abs_diff"].values()) <= 1e-5
+    head = pq.read_table(flat_data["valid"]).slice(0, 40)
+    pq.write_table(head, tmp_path / "rows.parquet")
+    ref = _esmm_predict(tmp_path / "run", tmp_path / "rows.parquet", tmp_path)
+    _, _, spec, _ = load_model(tmp_path / "run")
+    for fmt in FORMATS:
+        meta = ex.export_run(tmp_path / "run", fmt, tmp_path / f"m.{fmt}", parity_rows=64)
+        assert meta["model"] == name and meta["metrics"]["metrics"] == {}
+        assert max(meta["parity"]["max_abs_diff"].values()) <= 1e-5
+        got = ex.load_artifact(tmp_path / f"m.{fmt}").predict_columns(
+            {f.name: head.column(f.name) for f in spec.fields})
+        for k in ("p_ctr", "p_cvr", "p_ctcvr"):
+            np.testing.assert_allclose(got[k], ref[k], atol=1e-5, rtol=0, err_msg=f"{fmt} {k}")
 
 
 def _corrupting(monkeypatch, tower):

@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from esmm.cli import app
 from esmm.config import config_from_dict
 from esmm.export import export_run
+from esmm.models import model_names
 from esmm.train import train
 from tests.conftest import small_config
 
@@ -262,3 +263,30 @@ def test_random_json_never_5xx(server, body):
     r = server.post("/predict", json=body)
     assert r.status_code < 500, (body, r.text)
     assert r.status_code in (200, 413, 422), r.text
+
+
+@pytest.mark.parametrize("name", model_names())
+def test_every_registered_model_is_served_as_esmm_predict_scores(flat_data, tmp_path, name):
+    from fastapi.testclient import TestClient
+
+    from esmm.export import load_artifact
+    from esmm.serve import create_app
+
+    cfg = small_config(flat_data["train"], max_steps=3)
+    cfg["model"]["name"] = name
+    train(config_from_dict(cfg), tmp_path / "run")
+    export_run(tmp_path / "run", "onnx", tmp_path / "m.onnx", parity_rows=32)
+    head = pq.read_table(flat_data["valid"]).slice(0, 20)
+    pq.write_table(head, tmp_path / "rows.parquet")
+    res = CliRunner().invoke(app, ["predict", str(tmp_path / "run"), "--data",
+                                   str(tmp_path / "rows.parquet"), "--out",
+                                   str(tmp_path / "preds.parquet")])
+    assert res.exit_code == 0, res.output
+    ref = pq.read_table(tmp_path / "preds.parquet").to_pydict()
+    with TestClient(create_app(load_artifact(tmp_path / "m.onnx"))) as client:
+        r = client.post("/predict", json={"impressions": head.select(FIELDS).to_pylist()})
+        assert r.status_code == 200, r.text
+        assert client.get("/metadata").json()["model"] == name
+    got = _probs(r.json()["predictions"])
+    for k, v in got.items():
+        np.testing.assert_allclose(v, ref[k], atol=1e-5, rtol=0, err_msg=k)

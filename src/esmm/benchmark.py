@@ -61,37 +61,29 @@ from esmm.evaluate import evaluate_arrays, predict_arrays
 from esmm.features import spec_from_config
 from esmm.fsio import atomic_path, atomic_write, write_text
 from esmm.metrics import METRIC_ORDER, format_table
-from esmm.models import model_names
+from esmm.models import entries, model_names, reference_entry
 from esmm.train import _progress_enabled, load_model, train
 
 log = logging.getLogger(__name__)
 
-PAPER_METHODS = ("base", "aman", "oversampling", "unbias", "division", "esmm_ns", "esmm")
-SWEEP_METHODS = ("base", "division", "esmm_ns", "esmm")
-DISPLAY = {"base": "BASE", "aman": "AMAN", "oversampling": "OVERSAMPLING", "unbias": "UNBIAS",
-           "division": "DIVISION", "esmm_ns": "ESMM-NS", "esmm": "ESMM",
-           "ctr_net": "CTR net"}
-# Ali-CCP, Table 2 of arXiv 1804.07931: AUC (%) mean and std over 10 runs:
-# (CVR AUC on clicked impressions, its std, CTCVR AUC on all impressions, its std).
-PAPER_TABLE2: dict[str, tuple[float, float, float, float]] = {
-    "base": (66.00, 0.37, 62.07, 0.45),
-    "aman": (65.21, 0.59, 63.53, 0.57),
-    "oversampling": (67.18, 0.32, 63.05, 0.48),
-    "unbias": (66.65, 0.28, 63.56, 0.70),
-    "division": (67.56, 0.48, 63.62, 0.09),
-    "esmm_ns": (68.25, 0.44, 64.44, 0.62),
-    "esmm": (68.56, 0.37, 65.32, 0.49),
-}
-MONITOR = {"base": "cvr_auc", "aman": "cvr_auc", "oversampling": "cvr_auc",
-           "unbias": "cvr_auc", "division": "ctcvr_auc", "esmm_ns": "ctcvr_auc",
-           "esmm": "ctcvr_auc"}
-CLICKED_ONLY = ("base", "oversampling", "unbias")
-# Methods whose pCTCVR is pCVR x pCTR of an independent CTR net: in the benchmark that pCTR comes
-# from one reference CTR net per seed (the BASE architecture, early-stopped on ctr_auc), as in
-# the paper, so a CVR net early-stopped on cvr_auc is not paired with an over-trained CTR net.
-CTR_FROM_REFERENCE = ("base", "aman", "oversampling", "unbias")
+# Every per-method fact comes from the model registry (``esmm.models.ModelEntry``).
+PAPER_METHODS = tuple(e.name for e in entries("paper"))
+SWEEP_METHODS = tuple(e.name for e in entries("sweep"))
+ZOO_METHODS = tuple(e.name for e in entries("zoo"))
 CTR_NET = "ctr_net"
-CTR_NET_MODEL = "base"
+DISPLAY = {**{e.name: e.display for e in entries()}, CTR_NET: "CTR net"}
+# Ali-CCP, Table 2 of arXiv 1804.07931 (see ``ModelEntry.paper_table2``).
+PAPER_TABLE2: dict[str, tuple[float, float, float, float]] = {
+    e.name: e.paper_table2 for e in entries() if e.paper_table2 is not None}
+MONITOR = {e.name: e.benchmark_monitor for e in entries()}
+CLICKED_ONLY = tuple(e.name for e in entries() if e.clicked_only)
+# Methods whose pCTCVR is pCVR x pCTR of an independent CTR net: in the benchmark that pCTR comes
+# from one reference CTR net per seed (the reference model's architecture, early-stopped on
+# ctr_auc), as in the paper, so a CVR net early-stopped on cvr_auc is not paired with an
+# over-trained CTR net.
+CTR_FROM_REFERENCE = tuple(e.name for e in entries() if e.ctr_from_reference)
+REFERENCE = reference_entry().name
+CTR_NET_MODEL = REFERENCE
 _P_CTR_FILE = "test_p_ctr.npy"
 CLICKED_ONLY_EPOCH_FACTOR = 3
 REPORT_METRICS = ("cvr_auc", "ctcvr_auc", "cvr_auc_entire_space")
@@ -124,7 +116,7 @@ def parse_methods(text: str | Sequence[str] | None, default: Sequence[str]) -> l
 
 
 def parse_budgets(items: Sequence[str]) -> dict[str, int]:
-    """``["base=12", "esmm=4"]`` -> ``{"base": 12, "esmm": 4}`` (epoch caps; ``ctr_net`` is
+    """``["METHOD=12", ...]`` -> ``{METHOD: 12, ...}`` (epoch caps; ``ctr_net`` is
     the reference CTR net)."""
     out: dict[str, int] = {}
     for it in items:
@@ -159,11 +151,12 @@ def parse_floats(text: str, option: str) -> list[float]:
     return values
 
 
-def epoch_budget(method: str, epochs: int, budgets: dict[str, int]) -> int:
+def epoch_budget(method: str, epochs: int, budgets: dict[str, int],
+                 clicked_only_factor: int = CLICKED_ONLY_EPOCH_FACTOR) -> int:
     """The epoch cap of ``method``: ``budgets`` if given, else the fair default."""
     if method in budgets:
         return budgets[method]
-    return epochs * CLICKED_ONLY_EPOCH_FACTOR if method in CLICKED_ONLY else epochs
+    return epochs * clicked_only_factor if method in CLICKED_ONLY else epochs
 
 
 # ----------------------------------------------------------------------------- data
@@ -271,11 +264,13 @@ class Job:
 
 def make_jobs(tree: dict[str, Any], methods: Sequence[str], seeds: int, runs_dir: Path,
               budgets: dict[str, int], overrides: Sequence[str],
-              extra: dict[str, Any] | None = None) -> list[Job]:
+              extra: dict[str, Any] | None = None, monitor: str | None = None,
+              clicked_only_factor: int = CLICKED_ONLY_EPOCH_FACTOR) -> list[Job]:
     """The runs of one data set, seed-major (so early results are already paired).
 
     Per seed: the reference CTR net first when a method needs it (see ``CTR_FROM_REFERENCE``),
-    then one run per method.
+    then one run per method. Each method early-stops on its own ``MONITOR`` unless ``monitor``
+    names one metric for all (``--set train.early_stop.metric`` overrides both).
     """
     cfg0 = config_from_dict(tree, "benchmark config")
     user_metric = any(o.split("=", 1)[0].strip() == "train.early_stop.metric"
@@ -292,10 +287,10 @@ def make_jobs(tree: dict[str, Any], methods: Sequence[str], seeds: int, runs_dir
             jobs.append(Job(CTR_NET, seed, apply_overrides(tree, sets), ref_dir,
                             dict(extra or {})))
         for m in methods:
-            sets = [f"model.name={m}",
-                    f"train.epochs={epoch_budget(m, cfg0.train.epochs, budgets)}", *common]
+            cap = epoch_budget(m, cfg0.train.epochs, budgets, clicked_only_factor)
+            sets = [f"model.name={m}", f"train.epochs={cap}", *common]
             if not user_metric:
-                sets.append(f"train.early_stop.metric={MONITOR.get(m, 'auto')}")
+                sets.append(f"train.early_stop.metric={monitor or MONITOR.get(m, 'auto')}")
             jobs.append(Job(m, seed, apply_overrides(tree, sets), runs_dir / f"{m}-seed{seed}",
                             dict(extra or {}),
                             ctr_from=ref_dir if m in CTR_FROM_REFERENCE else None))
@@ -312,7 +307,8 @@ def _test_metrics(job: Job, model: Any, cfg: Config, test: EncodedData) -> dict[
     preds = predict_arrays(model, test, cfg.train.eval_batch_size)
     metrics = evaluate_arrays(model, test, preds)
     if job.method == CTR_NET:
-        np.save(job.run_dir / _P_CTR_FILE, preds["p_ctr"])
+        with atomic_write(job.run_dir / _P_CTR_FILE, "wb") as f:
+            np.save(f, preds["p_ctr"])
         return {k: v for k, v in metrics.items() if k.startswith(("ctr_", "n_"))}
     if job.ctr_from is None:
         return metrics
@@ -463,7 +459,7 @@ def mean_std(x: np.ndarray) -> tuple[float, float]:
 
 
 def paired_diff(rows: Sequence[dict[str, Any]], method: str, metric: str,
-                against: str = "base") -> np.ndarray:
+                against: str = REFERENCE) -> np.ndarray:
     """Per-seed ``method - against`` of ``metric`` over the seeds both have (nan dropped)."""
     ref = {r["seed"]: float(r[metric]) for r in rows
            if r["method"] == against and metric in r}
@@ -523,7 +519,7 @@ def paper_chart(path: Path, rows: Sequence[dict[str, Any]], methods: Sequence[st
                 metrics: Sequence[str], seeds: int) -> None:
     """AUC per method (mean, error bar = std over seeds) and the paired difference from BASE."""
     plt = _pyplot()
-    with_base = "base" in methods and len(methods) > 1
+    with_base = REFERENCE in methods and len(methods) > 1
     fig, axes = plt.subplots(1, 2 if with_base else 1, figsize=(13 if with_base else 7, 4.5),
                              squeeze=False)
     x = np.arange(len(methods))
@@ -541,7 +537,7 @@ def paper_chart(path: Path, rows: Sequence[dict[str, Any]], methods: Sequence[st
     ax.legend(fontsize=8)
     if with_base:
         ax = axes[0][1]
-        others = [m for m in methods if m != "base"]
+        others = [m for m in methods if m != REFERENCE]
         xo = np.arange(len(others))
         for i, k in enumerate(metrics):
             stats = [mean_std(paired_diff(rows, m, k)) for m in others]
@@ -551,7 +547,7 @@ def paper_chart(path: Path, rows: Sequence[dict[str, Any]], methods: Sequence[st
         ax.axhline(0.0, color="black", linewidth=0.8)
         ax.set_xticks(xo, [DISPLAY.get(m, m) for m in others], rotation=30, ha="right")
         ax.set_ylabel("AUC difference")
-        ax.set_title("Paired per-seed difference from BASE")
+        ax.set_title(f"Paired per-seed difference from {DISPLAY[REFERENCE]}")
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -618,20 +614,21 @@ def paper_report(rows: Sequence[dict[str, Any]], methods: Sequence[str], seeds: 
         lines.append(f"| {DISPLAY.get(m, m)} | " + " | ".join(cells) + " |")
     lines += ["", "The paper's numbers are on Ali-CCP (10 runs); on other data only the order "
               "of the methods and the size of the gaps compare.", ""]
-    if "base" in methods and len(methods) > 1:
-        lines += ["## Paired difference from BASE (AUC points, per seed: mean ± std; "
-                  "seeds where the method beats BASE)", ""]
+    if REFERENCE in methods and len(methods) > 1:
+        ref = DISPLAY[REFERENCE]
+        lines += [f"## Paired difference from {ref} (AUC points, per seed: mean ± std; "
+                  f"seeds where the method beats {ref})", ""]
         lines.append("| model | " + " | ".join(metrics) + " |")
         lines.append("|---|" + "---:|" * len(metrics))
         for m in methods:
-            if m == "base":
+            if m == REFERENCE:
                 continue
             cells = []
             for k in metrics:
                 d = paired_diff(rows, m, k)
                 cells.append(f"{_pct(*mean_std(d), signed=True)} ({int((d > 0).sum())}/{len(d)})"
                              if len(d) else "")
-            lines.append(f"| {DISPLAY.get(m, m)} - BASE | " + " | ".join(cells) + " |")
+            lines.append(f"| {DISPLAY.get(m, m)} - {ref} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += ["![AUC per method](auc.png)", "", "## Every run (test split)", ""]
     table = {f"{DISPLAY.get(r['method'], r['method'])} (seed {r['seed']})": r for r in rows}
@@ -672,20 +669,7 @@ def run_paper(out: str | Path, *, data: str | Path | None = None, seeds: int = 3
     knobs = dict(knobs or {})
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    if data is not None:
-        if rows is not None or knobs:
-            raise UsageError("--rows and --sim-set describe simulated data; they cannot be "
-                             "combined with --data")
-        data_dir = Path(data)
-        check_data_dir(data_dir)
-        source = f"Data: `{data_dir}` (train / valid / test)."
-        sim_meta = None
-    else:
-        data_dir = out / "data"
-        sim_meta = ensure_simulation(data_dir, preset, knobs, rows or DEMO_ROWS)
-        source = (f"Data: simulated, preset `{preset}`, knobs {knobs or 'none'}, data seed "
-                  f"{SIM_SEED}, splits {split_rows_for(rows or DEMO_ROWS)}. Test split: "
-                  + json.dumps(_split_stats(sim_meta, "test"), default=str))
+    data_dir, source = _benchmark_data(out, data, rows, preset, knobs)
     tree = base_tree(data_dir, overrides)
     cfg0 = config_from_dict(tree, "benchmark config")
     jobs = make_jobs(tree, methods, seeds, out / "runs", budgets, overrides)
@@ -724,7 +708,7 @@ def sweep_summary(rows: Sequence[dict[str, Any]], methods: Sequence[str],
                                    "seeds": len(_values(sub, m, "ctr_auc"))}
             for k in metrics:
                 row[f"{k}_mean"], row[f"{k}_std"] = mean_std(_values(sub, m, k))
-                if m != "base" and "base" in methods:
+                if m != REFERENCE and REFERENCE in methods:
                     row[f"{k}_minus_base_mean"], row[f"{k}_minus_base_std"] = mean_std(
                         paired_diff(sub, m, k))
             out.append(row)
@@ -771,12 +755,13 @@ def sweep_report(summary: Sequence[dict[str, Any]], methods: Sequence[str],
             cells_txt = [_pct(by[(c, s, m)][f"{k}_mean"], by[(c, s, m)][f"{k}_std"])
                          for m in methods]
             lines.append(f"| {c:g} | {s:g} | " + " | ".join(cells_txt) + " |")
-        others = [m for m in methods if m != "base"]
-        if "base" in methods and others:
-            lines += ["", f"Paired difference from BASE, `{k}` (AUC points, mean ± std over "
+        others = [m for m in methods if m != REFERENCE]
+        if REFERENCE in methods and others:
+            lines += ["", f"Paired difference from {DISPLAY[REFERENCE]}, `{k}` (AUC points, "
+                      "mean ± std over "
                       "seeds):", ""]
             lines.append("| cvr | selection | " + " | ".join(
-                f"{DISPLAY.get(m, m)} - BASE" for m in others) + " |")
+                f"{DISPLAY.get(m, m)} - {DISPLAY[REFERENCE]}" for m in others) + " |")
             lines.append("|---:|---:|" + "---:|" * len(others))
             for c, s in cells:
                 cells_txt = [_pct(by[(c, s, m)][f"{k}_minus_base_mean"],
@@ -862,3 +847,181 @@ def run_bias_sweep(out: str | Path, *, selection: Sequence[float] = (0.0, 0.5, 1
     log.info("wrote %s", ", ".join(str(out / n) for n in (
         "sweep.csv", "summary.csv", "report.md", *(f"{k}.png" for k in metrics))))
     return text
+
+
+# ----------------------------------------------------------------------------- model zoo
+
+# One early-stopping protocol for every zoo model: the sum of the two tasks' validation AUCs,
+# the two axes of the seesaw, so no model is stopped where only its favoured task peaks.
+ZOO_MONITOR = "ctr_auc+cvr_auc"
+SEESAW_AXES = ("ctr_auc", "cvr_auc")
+
+
+def zoo_metrics(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Every AUC-type metric the runs report (``*_auc*``, ``*_gauc``), in the report order."""
+    keys = [k for k in METRIC_ORDER if "auc" in k and not k.endswith("_oracle")]
+    return _present(rows, keys)
+
+
+def zoo_table(rows: Sequence[dict[str, Any]], methods: Sequence[str],
+              metrics: Sequence[str]) -> list[str]:
+    """Markdown lines: mean ± std per model and metric (AUC %)."""
+    lines = ["| model | " + " | ".join(f"`{k}`" for k in metrics) + " |",
+             "|---|" + "---:|" * len(metrics)]
+    for m in methods:
+        cells = [_pct(*mean_std(_values(rows, m, k))) for k in metrics]
+        lines.append(f"| {DISPLAY.get(m, m)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def zoo_diff_table(rows: Sequence[dict[str, Any]], methods: Sequence[str],
+                   metrics: Sequence[str]) -> list[str]:
+    """Markdown lines: per-seed difference from the reference, mean ± std (wins/seeds)."""
+    ref = DISPLAY[REFERENCE]
+    lines = ["| model | " + " | ".join(f"`{k}`" for k in metrics) + " | moved both |",
+             "|---|" + "---:|" * len(metrics) + "---|"]
+    for m in methods:
+        if m == REFERENCE:
+            continue
+        cells = []
+        for k in metrics:
+            d = paired_diff(rows, m, k)
+            cells.append(f"{_pct(*mean_std(d), signed=True)} ({int((d > 0).sum())}/{len(d)})"
+                         if len(d) else "")
+        lines.append(f"| {DISPLAY.get(m, m)} - {ref} | " + " | ".join(cells)
+                     + f" | {seesaw_verdict(rows, m)} |")
+    return lines
+
+
+def seesaw_verdict(rows: Sequence[dict[str, Any]], method: str) -> str:
+    """How ``method`` moved the two seesaw axes against the reference, seed by seed.
+
+    A task counts as moved when the mean paired difference is more than two standard errors
+    from 0 (with fewer than 2 seeds nothing counts as moved).
+    """
+    signs = []
+    for k in SEESAW_AXES:
+        d = paired_diff(rows, method, k)
+        if len(d) == 0:
+            # e.g. no conversion among the clicked test rows: cvr_auc is undefined.
+            return f"`{k}` not measured"
+        if len(d) < 2:
+            return "too few seeds"
+        se = float(d.std(ddof=1)) / math.sqrt(len(d))
+        m = float(d.mean())
+        signs.append(0 if abs(m) <= 2 * se else (1 if m > 0 else -1))
+    table = {(1, 1): "both up", (-1, -1): "both down", (1, -1): "seesaw: CTR up, CVR down",
+             (-1, 1): "seesaw: CVR up, CTR down", (0, 0): "neither moved"}
+    if signs in ([1, 0], [0, 1]):
+        return "one up, the other level"
+    if signs in ([-1, 0], [0, -1]):
+        return "one down, the other level"
+    return table[tuple(signs)]
+
+
+def seesaw_chart(path: Path, rows: Sequence[dict[str, Any]], methods: Sequence[str]) -> None:
+    """CTR AUC against CVR AUC per model (mean, error bars = std over seeds); the
+    single-task reference is the star, dashed lines through it split the four quadrants."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 6))
+    colors = plt.get_cmap("tab20")
+    for i, m in enumerate(methods):
+        (x, sx), (y, sy) = (mean_std(_values(rows, m, k)) for k in SEESAW_AXES)
+        if math.isnan(x) or math.isnan(y):
+            continue
+        ref = m == REFERENCE
+        ax.errorbar(x, y, xerr=0 if math.isnan(sx) else sx, yerr=0 if math.isnan(sy) else sy,
+                    marker="*" if ref else "o", markersize=14 if ref else 6, capsize=3,
+                    color="black" if ref else colors(i % 20), label=DISPLAY.get(m, m))
+        ax.annotate(DISPLAY.get(m, m), (x, y), textcoords="offset points", xytext=(5, 4),
+                    fontsize=7)
+        if ref:
+            ax.axvline(x, color="grey", linestyle="--", linewidth=0.8)
+            ax.axhline(y, color="grey", linestyle="--", linewidth=0.8)
+    ax.set_xlabel("CTR AUC (test, all impressions)")
+    ax.set_ylabel("CVR AUC (test, clicked impressions)")
+    ax.set_title(f"Seesaw: each model against {DISPLAY[REFERENCE]} (star), mean ± std")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
+def zoo_report(rows: Sequence[dict[str, Any]], methods: Sequence[str], seeds: int,
+               header: Sequence[str]) -> str:
+    metrics = zoo_metrics(rows)
+    ref = DISPLAY[REFERENCE]
+    lines = ["# Multi-task model zoo: the seesaw benchmark", "", *header, "",
+             f"## AUC (%) on the test split, mean ± std over {seeds} seed(s)", "",
+             *zoo_table(rows, methods, metrics), "",
+             f"## Paired difference from the single-task reference {ref} (AUC points, per "
+             f"seed: mean ± std; seeds where the model beats {ref})", "",
+             *zoo_diff_table(rows, methods, metrics), "",
+             f"{ref} is the single-task reference: its CTR AUC is the seed's CTR net alone, its "
+             "CVR AUC a CVR net trained on clicked impressions alone. \"moved both\" reads the "
+             "`ctr_auc` and `cvr_auc` columns: a task moved when its mean paired difference is "
+             "more than two standard errors from 0.", "",
+             "![seesaw: CTR AUC against CVR AUC](seesaw.png)", ""]
+    return "\n".join(lines) + "\n"
+
+
+def run_zoo(out: str | Path, *, data: str | Path | None = None, seeds: int = 3,
+            methods: Sequence[str] = ZOO_METHODS, overrides: Sequence[str] = (),
+            rows: int | None = None, preset: str = "aliccp",
+            knobs: dict[str, Any] | None = None, budgets: dict[str, int] | None = None,
+            fresh: bool = False, keep_checkpoints: bool = False) -> str:
+    """Run the seesaw benchmark into ``out``; returns the Markdown report.
+
+    Every model of ``methods`` (default: the reference, every zoo backbone under its own head
+    and under ESMM's, ESMM and ESMM-NS) trains once per seed on the same splits, with the
+    same epoch cap (``train.epochs``; ``budgets`` per method) and the same early stopping
+    (``ZOO_MONITOR`` on the validation split). Writes ``results.csv``, ``report.md`` and
+    ``seesaw.png``; finished runs in ``out/runs`` are reused (see :func:`run_paper`).
+    """
+    if seeds < 1:
+        raise UsageError(f"--seeds {seeds}: need at least 1")
+    out = Path(out)
+    methods = parse_methods(list(methods), ZOO_METHODS)
+    knobs = dict(knobs or {})
+    t0 = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    data_dir, source = _benchmark_data(out, data, rows, preset, knobs)
+    tree = base_tree(data_dir, overrides)
+    cfg0 = config_from_dict(tree, "benchmark config")
+    budgets = dict(budgets or {})
+    jobs = make_jobs(tree, methods, seeds, out / "runs", budgets, overrides,
+                     monitor=ZOO_MONITOR, clicked_only_factor=1)
+    results = run_jobs([(data_dir, jobs)], fresh=fresh,
+                       progress=_progress_enabled(cfg0.train.progress),
+                       keep_checkpoints=keep_checkpoints)
+    write_csv(out / "results.csv", results)
+    seesaw_chart(out / "seesaw.png", results, methods)
+    header = [source, "", *_setup_lines(cfg0, methods, budgets, overrides, jobs), "",
+              f"Seeds: {seeds} (train.seed {cfg0.train.seed} to {cfg0.train.seed + seeds - 1}; "
+              f"same data). Every model: epoch cap `train.epochs`, early stopping on "
+              f"`{ZOO_MONITOR}` of the validation split. Total time "
+              f"{time.perf_counter() - t0:.0f} s."]
+    text = zoo_report(results, methods, seeds, header)
+    write_text(out / "report.md", text)
+    log.info("wrote %s, %s and %s", out / "results.csv", out / "report.md", out / "seesaw.png")
+    return text
+
+
+def _benchmark_data(out: Path, data: str | Path | None, rows: int | None, preset: str,
+                    knobs: dict[str, Any]) -> tuple[Path, str]:
+    """The benchmark's data folder (given, or simulated into ``out/data``) and a sentence
+    describing it."""
+    if data is not None:
+        if rows is not None or knobs:
+            raise UsageError("--rows and --sim-set describe simulated data; they cannot be "
+                             "combined with --data")
+        data_dir = Path(data)
+        check_data_dir(data_dir)
+        return data_dir, f"Data: `{data_dir}` (train / valid / test)."
+    data_dir = out / "data"
+    meta = ensure_simulation(data_dir, preset, knobs, rows or DEMO_ROWS)
+    return data_dir, (f"Data: simulated, preset `{preset}`, knobs {knobs or 'none'}, data seed "
+                      f"{SIM_SEED}, splits {split_rows_for(rows or DEMO_ROWS)}. Test split: "
+                      + json.dumps(_split_stats(meta, "test"), default=str))

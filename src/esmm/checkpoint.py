@@ -311,8 +311,18 @@ def _remove_temporaries(folder: Path) -> None:
             p.unlink()
 
 
+def _normalized(tree: Mapping[str, Any]) -> dict[str, Any]:
+    """A stored config as this version writes it (new keys at their defaults, old spellings
+    read), so a run written by an earlier version compares equal to the same config now."""
+    try:
+        return config_from_dict(dict(tree), "the run's config").to_dict()
+    except ConfigError:
+        return dict(tree)
+
+
 def _config_differs(old: Mapping[str, Any], new: Mapping[str, Any], what: str) -> None:
-    if dict(old) != dict(new):
+    old, new = _normalized(old), _normalized(new)
+    if old != new:
         diff = [k for k in {**old, **new} if old.get(k) != new.get(k)]
         raise ConfigError(f"--resume: the config differs from the run's ({what}) in "
                           f"section(s) {diff}; resume with the same config (see RUN/config.yaml)")

@@ -276,21 +276,33 @@ def demo(
     rows: int = typer.Option(None, min=1000, help="Training impressions (default: the demo's "
                              "size, chosen to finish in minutes on 2 cores)."),
     seeds: int = typer.Option(1, min=1, help="Seeds per model; with more than one the report "
-                              "adds mean +- std and paired differences against BASE."),
-    models: str = typer.Option("base,esmm_ns,esmm", help="Comma-separated models to train."),
+                              "adds mean +- std and paired differences against the reference "
+                              "model (BASE)."),
+    models: str = typer.Option(None, help="Comma-separated models to train (default: BASE, "
+                               "ESMM-NS and ESMM; `esmm models` lists every model)."),
     knob: list[str] = typer.Option([], "--sim-set", help="Override a simulator knob "
                                    "(repeatable), e.g. --sim-set selection=1.0."),
     overrides: list[str] = typer.Option([], "--set", help=SET_HELP),
 ) -> None:
     """Simulate data, train BASE, ESMM-NS and ESMM, print one table and write report.md."""
-    from esmm.demo import run_demo
+    from esmm.benchmark import parse_methods
+    from esmm.demo import DEMO_MODELS, run_demo
 
+    chosen, knobs = parse_methods(models, DEMO_MODELS), _parse_knobs(knob)
     prepare_dir_output(out)
-    report = run_demo(out, preset=preset, rows=rows, seeds=seeds,
-                      models=[m.strip() for m in models.split(",") if m.strip()],
-                      knobs=_parse_knobs(knob), overrides=overrides)
+    report = run_demo(out, preset=preset, rows=rows, seeds=seeds, models=chosen, knobs=knobs,
+                      overrides=overrides)
     typer.echo(report)
     typer.echo(f"report written to {out / 'report.md'}")
+
+
+@app.command("models")
+@_errors
+def models_cmd() -> None:
+    """List every model (`model.name`): its backbone, head, idea and source, as Markdown."""
+    from esmm.models.catalog import models_table
+
+    typer.echo(models_table())
 
 
 @app.command()
@@ -340,7 +352,8 @@ def serve(
 
 benchmark_app = typer.Typer(
     no_args_is_help=True,
-    help="Compare ESMM with the paper's baselines: `paper` (Table 2) and `bias-sweep`.",
+    help="Compare models: `paper` (the ESMM paper's Table 2), `bias-sweep` and `zoo` (the "
+    "multi-task seesaw).",
 )
 app.add_typer(benchmark_app, name="benchmark")
 
@@ -366,11 +379,13 @@ def benchmark_paper(
                               "OUT/data."),
     seeds: int = typer.Option(3, min=1, help="Runs per method (the paper: 10); seed k changes "
                               "the initialisation and shuffling, never the data."),
-    methods: str = typer.Option(",".join(("base", "aman", "oversampling", "unbias",
-                                          "division", "esmm_ns", "esmm")),
-                                help="Comma-separated methods, in report order."),
+    methods: str = typer.Option(None, help="Comma-separated methods, in report order "
+                                "(default: the paper's seven, BASE to ESMM). Any model of "
+                                "`esmm models` can join, e.g. --methods "
+                                "base,esmm,esmm_mmoe,esmm_ple to set ESMM over MMoE and PLE "
+                                "beside the paper's numbers."),
     overrides: list[str] = typer.Option([], "--set", help=SET_HELP + " Applies to every "
-                                        "method, e.g. --set model.oversample_k=3."),
+                                        "method, e.g. --set model.oversampling.k=3."),
     rows: int = typer.Option(None, min=1000, help="Training impressions when simulating "
                              "(default 500000; valid rows/4, test rows/2)."),
     preset: str = typer.Option("aliccp", help="Simulator preset when simulating (see `esmm "
@@ -386,15 +401,62 @@ def benchmark_paper(
     Writes mean +- std per method beside the published Ali-CCP numbers, paired per-seed
     differences from BASE, results.csv and a chart.
     """
-    from esmm.benchmark import parse_budgets, parse_methods, run_paper
+    from esmm.benchmark import PAPER_METHODS, parse_budgets, parse_methods, run_paper
 
+    chosen, knobs, budgets = (parse_methods(methods, PAPER_METHODS), _parse_knobs(knob),
+                              parse_budgets(budget))
     prepare_dir_output(out)
-    report = run_paper(out, data=data, seeds=seeds,
-                       methods=parse_methods(methods, ()), overrides=overrides, rows=rows,
-                       preset=preset, knobs=_parse_knobs(knob), budgets=parse_budgets(budget),
-                       fresh=fresh, keep_checkpoints=keep_checkpoints)
+    report = run_paper(out, data=data, seeds=seeds, methods=chosen, overrides=overrides,
+                       rows=rows, preset=preset, knobs=knobs, budgets=budgets, fresh=fresh,
+                       keep_checkpoints=keep_checkpoints)
     typer.echo(report)
     typer.echo(f"report written to {out / 'report.md'} (results.csv, auc.png beside it)")
+
+
+@benchmark_app.command("zoo")
+@_errors
+def benchmark_zoo(
+    out: Path = typer.Option(..., "--out", "-o", help="Report folder: results.csv (one row "
+                             "per model and seed), report.md, seesaw.png, runs/ (and data/ "
+                             "when simulating)."),
+    data: Path = typer.Option(None, "--data", help="Folder with train/, valid/ and test/ (as "
+                              "`esmm simulate --out DIR` writes). Default: simulate one into "
+                              "OUT/data."),
+    seeds: int = typer.Option(3, min=1, help="Runs per model; seed k changes the "
+                              "initialisation and shuffling, never the data."),
+    methods: str = typer.Option(None, help="Comma-separated models, in report order "
+                                "(default: BASE as the single-task reference, every zoo "
+                                "backbone under its own head and under ESMM's, ESMM-NS, ESMM; "
+                                "`esmm models` lists them)."),
+    overrides: list[str] = typer.Option([], "--set", help=SET_HELP + " Applies to every "
+                                        "model."),
+    rows: int = typer.Option(None, min=1000, help="Training impressions when simulating "
+                             "(default 500000; valid rows/4, test rows/2)."),
+    preset: str = typer.Option("aliccp", help="Simulator preset when simulating."),
+    knob: list[str] = typer.Option([], "--sim-set", help="Override a simulator knob when "
+                                   "simulating (repeatable)."),
+    budget: list[str] = typer.Option([], "--budget", help="Epoch cap of one model, "
+                                     "METHOD=EPOCHS (repeatable); default train.epochs for "
+                                     "every model."),
+    fresh: bool = typer.Option(False, "--fresh", help=FRESH_HELP),
+    keep_checkpoints: bool = typer.Option(False, "--keep-checkpoints", help=KEEP_HELP),
+) -> None:
+    """The seesaw benchmark: does a multi-task model move CTR and CVR AUC together?
+
+    Every model on the same splits and seeds, the same epoch cap and early stopping (the sum
+    of the validation CTR and CVR AUCs); a table of every AUC (mean +- std, paired difference
+    from the single-task reference and wins) and a CTR-against-CVR chart.
+    """
+    from esmm.benchmark import ZOO_METHODS, parse_budgets, parse_methods, run_zoo
+
+    chosen, knobs, budgets = (parse_methods(methods, ZOO_METHODS), _parse_knobs(knob),
+                              parse_budgets(budget))
+    prepare_dir_output(out)
+    report = run_zoo(out, data=data, seeds=seeds, methods=chosen, overrides=overrides,
+                     rows=rows, preset=preset, knobs=knobs, budgets=budgets, fresh=fresh,
+                     keep_checkpoints=keep_checkpoints)
+    typer.echo(report)
+    typer.echo(f"report written to {out / 'report.md'} (results.csv, seesaw.png beside it)")
 
 
 @benchmark_app.command("bias-sweep")
@@ -410,8 +472,8 @@ def benchmark_bias_sweep(
     seeds: int = typer.Option(2, min=1, help="Runs per method and cell."),
     rows: int = typer.Option(200_000, min=1000, help="Training impressions per cell "
                              "(valid rows/4, test rows/2)."),
-    methods: str = typer.Option("base,division,esmm_ns,esmm",
-                                help="Comma-separated methods."),
+    methods: str = typer.Option(None, help="Comma-separated methods (default: BASE, "
+                                "DIVISION, ESMM-NS and ESMM)."),
     preset: str = typer.Option("dense", help="Simulator preset the grid modifies."),
     knob: list[str] = typer.Option([], "--sim-set", help="Override another simulator knob in "
                                    "every cell (repeatable), e.g. --sim-set "
@@ -426,15 +488,21 @@ def benchmark_bias_sweep(
     Writes tables (Markdown, CSV) and line charts of cvr_auc_entire_space, cvr_auc and
     ctcvr_auc.
     """
-    from esmm.benchmark import parse_budgets, parse_floats, parse_methods, run_bias_sweep
+    from esmm.benchmark import (
+        SWEEP_METHODS,
+        parse_budgets,
+        parse_floats,
+        parse_methods,
+        run_bias_sweep,
+    )
 
+    sel, cvrs = parse_floats(selection, "--selection"), parse_floats(cvr, "--cvr")
+    chosen, knobs, budgets = (parse_methods(methods, SWEEP_METHODS), _parse_knobs(knob),
+                              parse_budgets(budget))
     prepare_dir_output(out)
-    report = run_bias_sweep(out, selection=parse_floats(selection, "--selection"),
-                            cvr=parse_floats(cvr, "--cvr"), seeds=seeds, rows=rows,
-                            methods=parse_methods(methods, ()), preset=preset,
-                            knobs=_parse_knobs(knob), overrides=overrides,
-                            budgets=parse_budgets(budget), fresh=fresh,
-                            keep_checkpoints=keep_checkpoints)
+    report = run_bias_sweep(out, selection=sel, cvr=cvrs, seeds=seeds, rows=rows,
+                            methods=chosen, preset=preset, knobs=knobs, overrides=overrides,
+                            budgets=budgets, fresh=fresh, keep_checkpoints=keep_checkpoints)
     typer.echo(report)
     typer.echo(f"report written to {out / 'report.md'}")
 

@@ -193,16 +193,117 @@ class FeatureConfig(_Strict):
         return out
 
 
+Widths = Annotated[list[Annotated[int, Field(gt=0)]], Field(min_length=1)]
+
+
+class NoBackboneConfig(_Strict):
+    """No backbone: each task tower reads the embeddings directly (ESMM, BASE)."""
+
+    name: Literal["none"] = "none"
+
+
+class SharedBottomConfig(_Strict):
+    """One MLP of widths ``bottom`` over the embeddings, shared by both task towers."""
+
+    name: Literal["shared_bottom"] = "shared_bottom"
+    bottom: Widths = Field(default_factory=lambda: [256, 128])
+
+
+class MMoEConfig(_Strict):
+    """``experts`` MLPs of widths ``expert``; one softmax gate per task mixes them."""
+
+    name: Literal["mmoe"] = "mmoe"
+    experts: int = Field(default=4, ge=1)
+    expert: Widths = Field(default_factory=lambda: [256, 128])
+
+
+class PLEConfig(_Strict):
+    """``levels`` CGC layers, each with ``task_experts`` experts per task and
+    ``shared_experts`` shared ones, all MLPs of widths ``expert``."""
+
+    name: Literal["ple"] = "ple"
+    levels: int = Field(default=2, ge=1)
+    task_experts: int = Field(default=2, ge=1)
+    shared_experts: int = Field(default=2, ge=1)
+    expert: Widths = Field(default_factory=lambda: [128, 64])
+
+
+class DBMTLConfig(_Strict):
+    """A shared ``bottom`` MLP (empty list: none), then the CVR tower's hidden output joined
+    with the CTR tower's through a ``relation`` MLP."""
+
+    name: Literal["dbmtl"] = "dbmtl"
+    bottom: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [256])
+    relation: Widths = Field(default_factory=lambda: [64])
+
+
+class AITMConfig(_Strict):
+    """Attention transfer from the click tower to the conversion tower; ``calibrator`` is the
+    weight alpha of the behavioural-expectation calibrator loss."""
+
+    name: Literal["aitm"] = "aitm"
+    calibrator: float = Field(default=0.6, ge=0.0)
+
+
+BackboneConfig = Annotated[
+    NoBackboneConfig | SharedBottomConfig | MMoEConfig | PLEConfig | DBMTLConfig | AITMConfig,
+    Field(discriminator="name"),
+]
+
+
+class HeadConfig(_Strict):
+    """How per-task logits become probabilities and losses.
+
+    ``independent``: loss_ctr over all impressions, loss_cvr over clicked ones.
+    ``entire_space``: ESMM's loss_ctr + loss_ctcvr over all impressions, pCTCVR = pCTR * pCVR.
+    ``ctcvr``: loss_ctr + loss_ctcvr over all impressions with pCTCVR from its own tower and
+    pCVR = min(pCTCVR / pCTR, 1).
+    """
+
+    name: Literal["independent", "entire_space", "ctcvr"] = "entire_space"
+
+
+class AmanConfig(_Strict):
+    """AMAN: ``rate``, the share of unclicked impressions used as CVR negatives, in (0, 1]."""
+
+    rate: float = Field(default=1.0, gt=0.0, le=1.0)
+
+
+class OversamplingConfig(_Strict):
+    """OVERSAMPLING: ``k`` copies of each clicked-and-converted impression in the CVR loss
+    (>= 1; 1 is BASE)."""
+
+    k: int = Field(default=5, ge=1)
+
+
+class UnbiasConfig(_Strict):
+    """UNBIAS: ``clip``, the lower bound on the click propensity in the weights 1 / pCTR, in
+    (0, 1]; weights are at most 1 / clip."""
+
+    clip: float = Field(default=0.01, gt=0.0, le=1.0)
+
+
+class DivisionConfig(_Strict):
+    """DIVISION: ``clip``, the upper bound on pCVR = pCTCVR / pCTR, in (0, 1]."""
+
+    clip: float = Field(default=1.0, gt=0.0, le=1.0)
+
+
+# The flat method keys of earlier configs (and checkpoints) -> (method section, key).
+_FLAT_METHOD_KEYS = {"aman_rate": ("aman", "rate"), "oversample_k": ("oversampling", "k"),
+                     "unbias_clip": ("unbias", "clip"), "division_clip": ("division", "clip")}
+
+
 class ModelConfig(_Strict):
     """Which model and its shape. Every tower is ``tower`` hidden layers then one logit.
 
-    Method options (read only by the method they name):
-        aman_rate: share of unclicked impressions AMAN uses as CVR negatives, in (0, 1].
-        oversample_k: copies of each clicked-and-converted impression in OVERSAMPLING's CVR
-            loss (>= 1; 1 is BASE).
-        unbias_clip: lower bound on the click propensity in UNBIAS's weights 1 / pCTR, in
-            (0, 1]; weights are at most 1 / unbias_clip.
-        division_clip: upper bound on DIVISION's pCVR = pCTCVR / pCTR, in (0, 1].
+    ``backbone`` and ``head`` (null: the model's own, see docs/models.md) put any backbone
+    under any head, e.g. ``--set model.backbone.name=mmoe`` turns ``esmm`` into ESMM over MMoE.
+
+    Method options sit under the method they belong to and are read only by it:
+    ``aman: {rate}``, ``oversampling: {k}``, ``unbias: {clip}``, ``division: {clip}``. The flat
+    keys of earlier configs (``aman_rate``, ``oversample_k``, ``unbias_clip``,
+    ``division_clip``) are still read and set the same options (null: not given).
     """
 
     name: str = "esmm"
@@ -211,10 +312,16 @@ class ModelConfig(_Strict):
     activation: Literal["relu", "gelu", "tanh"] = "relu"
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     batch_norm: bool = False
-    aman_rate: float = Field(default=1.0, gt=0.0, le=1.0)
-    oversample_k: int = Field(default=5, ge=1)
-    unbias_clip: float = Field(default=0.01, gt=0.0, le=1.0)
-    division_clip: float = Field(default=1.0, gt=0.0, le=1.0)
+    backbone: BackboneConfig | None = None
+    head: HeadConfig | None = None
+    aman: AmanConfig = Field(default_factory=AmanConfig)
+    oversampling: OversamplingConfig = Field(default_factory=OversamplingConfig)
+    unbias: UnbiasConfig = Field(default_factory=UnbiasConfig)
+    division: DivisionConfig = Field(default_factory=DivisionConfig)
+    aman_rate: float | None = Field(default=None, gt=0.0, le=1.0)
+    oversample_k: int | None = Field(default=None, ge=1)
+    unbias_clip: float | None = Field(default=None, gt=0.0, le=1.0)
+    division_clip: float | None = Field(default=None, gt=0.0, le=1.0)
 
     @field_validator("tower")
     @classmethod
@@ -222,6 +329,20 @@ class ModelConfig(_Strict):
         if not v or any(h <= 0 for h in v):
             raise ValueError(f"tower must be a non-empty list of positive widths, got {v}")
         return v
+
+    @model_validator(mode="after")
+    def _flat_method_keys(self) -> ModelConfig:
+        for flat, (section, key) in _FLAT_METHOD_KEYS.items():
+            value = getattr(self, flat)
+            if value is None:
+                continue
+            sub = getattr(self, section)
+            if key in sub.model_fields_set and getattr(sub, key) != value:
+                raise ValueError(f"{flat}={value} and {section}.{key}={getattr(sub, key)} "
+                                 f"disagree; give only {section}.{key}")
+            # Bypass validate_assignment, which would rerun this validator recursively.
+            object.__setattr__(sub, key, value)
+        return self
 
 
 class OptimizerConfig(_Strict):
@@ -357,6 +478,19 @@ def check_mode(mode: str, monitor: str, direction: str) -> None:
         )
 
 
+class LossWeightingConfig(_Strict):
+    """How task losses are weighted during training (see :mod:`esmm.loss_weighting`).
+
+    ``fixed``: ``train.loss_weights`` only. ``uncertainty``: learned log-variances (Kendall et
+    al., CVPR 2018). ``dwa``: Dynamic Weight Average (Liu et al., CVPR 2019) over windows of
+    ``window`` steps at temperature ``temperature``.
+    """
+
+    name: Literal["fixed", "uncertainty", "dwa"] = "fixed"
+    window: int = Field(default=100, ge=1)
+    temperature: float = Field(default=2.0, gt=0.0)
+
+
 class TrainConfig(_Strict):
     """How to train: batches, epochs, optimizers, evaluation, early stopping, device."""
 
@@ -371,6 +505,9 @@ class TrainConfig(_Strict):
     eval_every: int | None = Field(default=None, gt=0)
     eval_batch_size: int = Field(default=8192, gt=0)
     early_stop: EarlyStopConfig = Field(default_factory=EarlyStopConfig)
+    # Weight per named loss, e.g. {loss_ctcvr: 2.0} (unnamed losses weigh 1).
+    loss_weights: dict[str, Annotated[float, Field(ge=0.0)]] = Field(default_factory=dict)
+    loss_weighting: LossWeightingConfig = Field(default_factory=LossWeightingConfig)
     num_threads: int | None = Field(default=None, gt=0)
     progress: Literal["auto", "on", "off"] = "auto"
     checkpoint_interval_s: float = Field(default=60.0, ge=0.0)

@@ -21,11 +21,11 @@ import numpy as np
 
 from esmm.config import apply_overrides, config_from_dict
 from esmm.data.tables import load_split
-from esmm.errors import UsageError
 from esmm.evaluate import evaluate
 from esmm.features import spec_from_config
 from esmm.fsio import atomic_write, write_text
 from esmm.metrics import format_table
+from esmm.models import entries, reference_entry
 from esmm.train import load_model, train
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,9 @@ log = logging.getLogger(__name__)
 DEMO_ROWS = 500_000
 SIM_SEED = 2018
 KEY_METRICS = ("cvr_auc_entire_space", "ctcvr_auc", "cvr_auc", "ctr_auc")
-DISPLAY = {"base": "BASE", "esmm_ns": "ESMM-NS", "esmm": "ESMM"}
+DISPLAY = {e.name: e.display for e in entries()}
+REFERENCE = reference_entry().name
+DEMO_MODELS = tuple(e.name for e in entries("demo"))
 
 
 def demo_config(data_dir: Path) -> dict[str, Any]:
@@ -42,7 +44,7 @@ def demo_config(data_dir: Path) -> dict[str, Any]:
         "data": {"train": str(data_dir / "train"), "eval": str(data_dir / "valid"),
                  "test": str(data_dir / "test"), "user_column": "101"},
         "features": "aliccp",
-        "model": {"name": "esmm", "tower": [128, 64], "embedding_dim": 16},
+        "model": {"tower": [128, 64], "embedding_dim": 16},
         "train": {"batch_size": 2048, "epochs": 4, "optimizer": {"name": "adam", "lr": 0.002},
                   "seed": 0, "shuffle_block": 64, "eval_every": 50,
                   "early_stop": {"metric": "auto", "patience": 3}},
@@ -81,13 +83,14 @@ def _summary(results: list[dict[str, Any]], models: Sequence[str]) -> str:
     lines.append("|---|" + "---:|" * len(cols))
     for name, r in rows.items():
         lines.append(f"| {name} | " + " | ".join(r.get(c, "") for c in cols) + " |")
-    if "base" in models:
-        lines += ["", "### Paired difference against BASE, per seed (mean +- std; wins)", ""]
+    if REFERENCE in models:
+        ref = DISPLAY[REFERENCE]
+        lines += ["", f"### Paired difference against {ref}, per seed (mean +- std; wins)", ""]
         lines.append("| model | " + " | ".join(cols) + " |")
         lines.append("|---|" + "---:|" * len(cols))
-        base = {r["seed"]: r for r in results if r["model"] == "base"}
+        base = {r["seed"]: r for r in results if r["model"] == REFERENCE}
         for m in models:
-            if m == "base":
+            if m == REFERENCE:
                 continue
             cells = []
             for k in cols:
@@ -95,23 +98,17 @@ def _summary(results: list[dict[str, Any]], models: Sequence[str]) -> str:
                               if r["model"] == m and r["seed"] in base])
                 wins = int((d > 0).sum())
                 cells.append(f"{d.mean():+.4f} +- {d.std(ddof=1):.4f} ({wins}/{len(d)})")
-            lines.append(f"| {DISPLAY.get(m, m)} - BASE | " + " | ".join(cells) + " |")
+            lines.append(f"| {DISPLAY.get(m, m)} - {ref} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def run_demo(out: str | Path, *, preset: str = "aliccp", rows: int | None = None, seeds: int = 1,
-             models: Sequence[str] = ("base", "esmm_ns", "esmm"), knobs: dict | None = None,
-             overrides: Sequence[str] = ()) -> str:
-    """Run the demo into ``out`` and return the Markdown report (also written to report.md)."""
+def _demo_data(data_dir: Path, preset: str, split_rows: dict[str, int],
+               knobs: dict[str, Any]) -> dict[str, Any]:
+    """Simulate the demo's splits into ``data_dir`` unless the same set is already there;
+    returns the content of ``data_dir/simulation.json``."""
     from esmm.data.simulate import get_preset, write_simulation
 
-    out = Path(out)
-    rows = rows or DEMO_ROWS
-    knobs = knobs or {}
     sim = get_preset(preset, **knobs)
-    split_rows = {"train": rows, "valid": rows // 4, "test": rows // 2}
-    data_dir = out / "data"
-    t_start = time.perf_counter()
     expect = {"preset": preset, "seed": SIM_SEED, "rows": split_rows, "overrides": knobs}
     if _sim_matches(data_dir, expect):
         log.info("reusing simulated data in %s", data_dir)
@@ -124,40 +121,67 @@ def run_demo(out: str | Path, *, preset: str = "aliccp", rows: int | None = None
             data_dir / "simulation.json").is_file() else dict(info)
         meta.update(expect)
         write_text(data_dir / "simulation.json", json.dumps(meta, indent=2, default=str))
+    return json.loads((data_dir / "simulation.json").read_text())
 
-    base_tree = apply_overrides(demo_config(data_dir), overrides)
+
+def _train_models(base_tree: dict[str, Any], models: Sequence[str], seeds: int,
+                  runs: Path) -> list[dict[str, Any]]:
+    """Train every model once per seed on the demo's splits; one row of test metrics each."""
     cfg0 = config_from_dict(base_tree, "demo config")
     spec = spec_from_config(cfg0)
     train_data = load_split(cfg0.data.train, spec, cfg0.data)
     valid_data = load_split(cfg0.data.eval, spec, cfg0.data)
     test_data = load_split(cfg0.data.test, spec, cfg0.data)
-    runs = out / "runs"
     if runs.exists():
         shutil.rmtree(runs)
-
     results: list[dict[str, Any]] = []
     for seed in range(seeds):
         for m in models:
             tree = apply_overrides(base_tree, [f"model.name={m}", f"train.seed={seed}"])
             cfg = config_from_dict(tree, "demo config")
-            if cfg.model.name != m:
-                raise UsageError(f"unknown model {m!r}")
             t0 = time.perf_counter()
             res = train(cfg, runs / f"{m}-seed{seed}", train_data=train_data,
                         eval_data=valid_data)
             model, *_ = load_model(res.run_dir)
             metrics = evaluate(model, test_data, cfg.train.eval_batch_size)
-            row = {"model": m, "seed": seed, "best_step": res.best_step,
-                   "train_s": round(time.perf_counter() - t0, 1), **metrics}
-            results.append(row)
+            results.append({"model": m, "seed": seed, "best_step": res.best_step,
+                            "train_s": round(time.perf_counter() - t0, 1), **metrics})
             log.info("%s seed %d: %s", m, seed, {k: round(metrics[k], 4) for k in KEY_METRICS
                                                    if k in metrics})
+    return results
+
+
+def _write_results(path: Path, results: Sequence[dict[str, Any]]) -> None:
+    """Every run's row as CSV (nan written as ``nan``)."""
+    with atomic_write(path, "w", newline="", encoding="utf-8") as f:
+        keys: list[str] = []
+        for r in results:
+            keys += [k for k in r if k not in keys]
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        for r in results:
+            w.writerow({k: (v if not (isinstance(v, float) and math.isnan(v)) else "nan")
+                        for k, v in r.items()})
+
+
+def run_demo(out: str | Path, *, preset: str = "aliccp", rows: int | None = None, seeds: int = 1,
+             models: Sequence[str] = DEMO_MODELS, knobs: dict | None = None,
+             overrides: Sequence[str] = ()) -> str:
+    """Run the demo into ``out`` and return the Markdown report (also written to report.md)."""
+    out = Path(out)
+    rows = rows or DEMO_ROWS
+    knobs = knobs or {}
+    split_rows = {"train": rows, "valid": rows // 4, "test": rows // 2}
+    data_dir = out / "data"
+    t_start = time.perf_counter()
+    sim_meta = _demo_data(data_dir, preset, split_rows, knobs)
+    base_tree = apply_overrides(demo_config(data_dir), overrides)
+    results = _train_models(base_tree, models, seeds, out / "runs")
 
     table_rows = {f"{DISPLAY.get(r['model'], r['model'])} (seed {r['seed']})": r
                   for r in results}
     metric_cols = [k for k in results[0] if k not in ("model", "seed", "best_step", "train_s")
                    and not k.startswith("n_") and isinstance(results[0][k], float)]
-    sim_meta = json.loads((data_dir / "simulation.json").read_text())
     report = [
         "# esmm demo report",
         "",
@@ -179,13 +203,5 @@ def run_demo(out: str | Path, *, preset: str = "aliccp", rows: int | None = None
                "for the true p_conversion: the ceiling."]
     text = "\n".join(report) + "\n"
     write_text(out / "report.md", text)
-    with atomic_write(out / "results.csv", "w", newline="", encoding="utf-8") as f:
-        keys: list[str] = []
-        for r in results:
-            keys += [k for k in r if k not in keys]
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        for r in results:
-            w.writerow({k: (v if not (isinstance(v, float) and math.isnan(v)) else "nan")
-                        for k, v in r.items()})
+    _write_results(out / "results.csv", results)
     return text

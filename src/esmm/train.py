@@ -349,7 +349,7 @@ class Trainer:
         """One optimizer step on ``batch``. Returns the total loss, a 0-d tensor (not synced)."""
         batch = batch.to(self.device)
         losses = self.model.losses(self.model(batch), batch)
-        total = sum(losses.values())
+        total = self.model.total_loss(losses)
         for o in self.opts:
             o.zero_grad(set_to_none=True)
         total.backward()
@@ -405,6 +405,9 @@ class Trainer:
         for k, v in self.mean_losses().items():
             row[k] = v
             tb.add_scalar(f"train/{k}", v, p.step)
+        for k, w in self.model.loss_weights().items():
+            row[f"weight_{k}"] = w
+            tb.add_scalar(f"weight/{k}", w, p.step)
         if self.eval_data is not None:
             self._evaluate_into(row, tb)
         self.history.append(row)

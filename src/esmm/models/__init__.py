@@ -5,11 +5,23 @@ from __future__ import annotations
 from esmm.config import Config
 from esmm.errors import ConfigError
 from esmm.features import FeatureSpec
+from esmm.loss_weighting import build_loss_weighting
 from esmm.models import baselines as _baselines  # noqa: F401  (aman, oversampling, ...)
 from esmm.models import esmm as _esmm  # noqa: F401  (registers esmm, esmm_ns, base)
-from esmm.models.base import OUTPUT_NAMES, MultiTaskModel, get_factory, model_names
+from esmm.models import zoo as _zoo  # noqa: F401  (shared_bottom, mmoe, ple, dbmtl, aitm, esmm_*)
+from esmm.models.base import (
+    OUTPUT_NAMES,
+    ModelEntry,
+    MultiTaskModel,
+    entries,
+    get_entry,
+    get_factory,
+    model_names,
+    reference_entry,
+)
 
-__all__ = ["OUTPUT_NAMES", "MultiTaskModel", "build_model", "model_names"]
+__all__ = ["OUTPUT_NAMES", "ModelEntry", "MultiTaskModel", "build_model", "entries",
+           "get_entry", "model_names", "reference_entry"]
 
 
 def build_model(cfg: Config, spec: FeatureSpec) -> MultiTaskModel:
@@ -19,4 +31,6 @@ def build_model(cfg: Config, spec: FeatureSpec) -> MultiTaskModel:
         raise ConfigError(f"model.name: unknown model {cfg.model.name!r}; "
                           f"expected one of {model_names()}")
     sparse = cfg.train.sparse_optimizer.name != "dense"
-    return factory(cfg.model, spec, sparse)
+    model = factory(cfg.model, spec, sparse)
+    model.loss_weighting = build_loss_weighting(cfg.train, model.loss_names)
+    return model

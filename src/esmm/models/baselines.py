@@ -5,15 +5,15 @@ tower, trained on clicks over all impressions), as BASE does, and ranks impressi
 pCTCVR = pCTR * pCVR; only DIVISION, which learns pCTCVR directly, differs.
 
     AMAN          CVR net over clicked impressions (label: conversion) plus unclicked
-                  impressions as negatives, a fraction ``aman_rate`` of them, chosen by a hash
+                  impressions as negatives, a fraction ``aman.rate`` of them, chosen by a hash
                   of the row position and a per-model salt (the same rows in every epoch).
     OVERSAMPLING  CVR net over clicked impressions; clicked-and-converted rows count
-                  ``oversample_k`` times (exactly the loss of a batch holding k copies of them).
+                  ``oversampling.k`` times (exactly the loss of a batch holding k copies of them).
     UNBIAS        CVR net over clicked impressions, each weighted by 1 / max(pCTR,
-                  ``unbias_clip``) from the CTR net (no gradient flows through the weight);
+                  ``unbias.clip``) from the CTR net (no gradient flows through the weight);
                   the weighted mean is self-normalised over the batch.
     DIVISION      a CTR net and a CTCVR net (label click * conversion over all impressions);
-                  pCVR = min(pCTCVR / pCTR, ``division_clip``), computed in log space.
+                  pCVR = min(pCTCVR / pCTR, ``division.clip``), computed in log space.
 
 Early stopping: the CVR-net methods watch ``cvr_auc`` (the validation AUC of the net that
 differs between them); DIVISION watches ``ctcvr_auc``, the task it is trained on.
@@ -21,24 +21,21 @@ differs between them); DIVISION watches ``ctcvr_auc``, the task it is trained on
 
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
 
 from esmm.config import ModelConfig
 from esmm.features import FeatureSpec
-from esmm.losses import bce_with_logits, log1mexp
+from esmm.losses import bce_with_logits
 from esmm.models.base import MultiTaskModel, register
-from esmm.models.esmm import Base, _tower
+from esmm.models.composed import tower
+from esmm.models.esmm import ESMM_CITATION, Base, _fixed_architecture
+from esmm.models.heads import CtcvrHead, loss_ctr
 from esmm.nn.embedding import EmbeddingCollection
 
 # splitmix64 constants as signed 64-bit integers (torch has no uint64 arithmetic).
 _GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
 _MUL1 = 0xBF58476D1CE4E5B9 - (1 << 64)
 _MUL2 = 0x94D049BB133111EB - (1 << 64)
-# Largest log pCVR turned into a finite logit: pCVR = 1 maps to logit ~ 16.1 in ``forward``.
-_MAX_LOG_P = -1e-7
 
 
 def _srl(x: torch.Tensor, s: int) -> torch.Tensor:
@@ -80,7 +77,7 @@ class Aman(Base):
 
     def __init__(self, spec: FeatureSpec, cfg: ModelConfig, sparse: bool = True) -> None:
         super().__init__(spec, cfg, sparse=sparse)
-        self.rate = cfg.aman_rate
+        self.rate = cfg.aman.rate
         self.register_buffer("sample_salt", torch.randint(0, 1 << 62, (), dtype=torch.int64))
 
     def sampled_negatives(self, batch) -> torch.Tensor:
@@ -97,7 +94,7 @@ class Aman(Base):
         keep = (batch.click > 0) | self.sampled_negatives(batch)
         w = _with_weight(keep.to(out["cvr_logit"].dtype), batch)
         return {
-            "loss_ctr": bce_with_logits(out["ctr_logit"], batch.click, batch.weight),
+            "loss_ctr": loss_ctr(out["ctr_logit"], batch),
             "loss_cvr": bce_with_logits(out["cvr_logit"], batch.click * batch.conversion, w),
         }
 
@@ -114,7 +111,7 @@ class Oversampling(Base):
 
     def __init__(self, spec: FeatureSpec, cfg: ModelConfig, sparse: bool = True) -> None:
         super().__init__(spec, cfg, sparse=sparse)
-        self.k = cfg.oversample_k
+        self.k = cfg.oversampling.k
 
     def cvr_weight(self, batch) -> torch.Tensor:
         """(B,) copies of each row in the CVR loss (0 for unclicked rows)."""
@@ -123,7 +120,7 @@ class Oversampling(Base):
 
     def losses(self, out, batch) -> dict[str, torch.Tensor]:
         return {
-            "loss_ctr": bce_with_logits(out["ctr_logit"], batch.click, batch.weight),
+            "loss_ctr": loss_ctr(out["ctr_logit"], batch),
             "loss_cvr": bce_with_logits(out["cvr_logit"], batch.conversion,
                                         self.cvr_weight(batch)),
         }
@@ -142,7 +139,7 @@ class Unbias(Base):
 
     def __init__(self, spec: FeatureSpec, cfg: ModelConfig, sparse: bool = True) -> None:
         super().__init__(spec, cfg, sparse=sparse)
-        self.clip = cfg.unbias_clip
+        self.clip = cfg.unbias.clip
 
     def cvr_weight(self, out, batch) -> torch.Tensor:
         """(B,) inverse-propensity weights, 0 for unclicked rows."""
@@ -151,7 +148,7 @@ class Unbias(Base):
 
     def losses(self, out, batch) -> dict[str, torch.Tensor]:
         return {
-            "loss_ctr": bce_with_logits(out["ctr_logit"], batch.click, batch.weight),
+            "loss_ctr": loss_ctr(out["ctr_logit"], batch),
             "loss_cvr": bce_with_logits(out["cvr_logit"], batch.conversion,
                                         self.cvr_weight(out, batch)),
         }
@@ -168,56 +165,61 @@ class Division(MultiTaskModel):
     """
 
     def __init__(self, spec: FeatureSpec, cfg: ModelConfig, sparse: bool = True) -> None:
+        _fixed_architecture(cfg)
         super().__init__()
         self.ctr_embedding = EmbeddingCollection(spec, sparse=sparse)
         self.ctcvr_embedding = EmbeddingCollection(spec, sparse=sparse)
         d = self.ctr_embedding.output_dim
-        self.ctr_tower = _tower(cfg, d)
-        self.ctcvr_tower = _tower(cfg, d)
-        self.clip = cfg.division_clip
+        self.ctr_tower = tower(cfg, d)
+        self.ctcvr_tower = tower(cfg, d)
+        self.head = CtcvrHead(cfg.division.clip)
+        self.clip = cfg.division.clip
 
     def log_p_cvr(self, ctr_logit: torch.Tensor, ctcvr_logit: torch.Tensor) -> torch.Tensor:
         """log pCVR = min(log pCTCVR - log pCTR, log clip): (B,), <= 0."""
-        ratio = F.logsigmoid(ctcvr_logit) - F.logsigmoid(ctr_logit)
-        return ratio.clamp(max=math.log(self.clip))
+        return self.head.log_p_cvr(ctr_logit, ctcvr_logit)
 
     def forward(self, batch) -> dict[str, torch.Tensor]:
-        a = self.ctr_tower(self.ctr_embedding(batch))
-        c = self.ctcvr_tower(self.ctcvr_embedding(batch))
-        lp = self.log_p_cvr(a, c).clamp(max=_MAX_LOG_P)
-        return {"ctr_logit": a, "ctcvr_logit": c, "cvr_logit": lp - log1mexp(lp)}
+        return self.head.outputs(self.ctr_tower(self.ctr_embedding(batch)),
+                                 self.ctcvr_tower(self.ctcvr_embedding(batch)))
 
     def predict(self, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        a, c = out["ctr_logit"], out["ctcvr_logit"]
-        return {
-            "p_ctr": torch.sigmoid(a),
-            "p_cvr": torch.exp(self.log_p_cvr(a, c)),
-            "p_ctcvr": torch.sigmoid(c),
-        }
+        return self.head.predict(out)
 
     def losses(self, out, batch) -> dict[str, torch.Tensor]:
-        return {
-            "loss_ctr": bce_with_logits(out["ctr_logit"], batch.click, batch.weight),
-            "loss_ctcvr": bce_with_logits(out["ctcvr_logit"], batch.click * batch.conversion,
-                                          batch.weight),
-        }
+        return self.head.losses(out, batch)
 
 
-@register("aman")
+_PAPER = dict(citation=ESMM_CITATION, benchmarks=frozenset({"paper"}))
+_CVR_NET = dict(benchmark_monitor="cvr_auc", ctr_from_reference=True)
+
+
+@register("aman", display="AMAN", rank=1, paper_table2=(65.21, 0.59, 63.53, 0.57),
+          summary="BASE plus unclicked impressions as CVR negatives, a fraction "
+          "`model.aman.rate` of them", **_PAPER, **_CVR_NET)
 def _aman(cfg: ModelConfig, spec: FeatureSpec, sparse: bool) -> MultiTaskModel:
     return Aman(spec, cfg, sparse=sparse)
 
 
-@register("oversampling")
+@register("oversampling", display="OVERSAMPLING", rank=2, clicked_only=True,
+          paper_table2=(67.18, 0.32, 63.05, 0.48),
+          summary="BASE with each converted click counted `model.oversampling.k` times",
+          **_PAPER, **_CVR_NET)
 def _oversampling(cfg: ModelConfig, spec: FeatureSpec, sparse: bool) -> MultiTaskModel:
     return Oversampling(spec, cfg, sparse=sparse)
 
 
-@register("unbias")
+@register("unbias", display="UNBIAS", rank=3, clicked_only=True,
+          paper_table2=(66.65, 0.28, 63.56, 0.70),
+          summary="BASE with clicked rows weighted by 1 / pCTR (clipped at "
+          "`model.unbias.clip`)", **_PAPER, **_CVR_NET)
 def _unbias(cfg: ModelConfig, spec: FeatureSpec, sparse: bool) -> MultiTaskModel:
     return Unbias(spec, cfg, sparse=sparse)
 
 
-@register("division")
+@register("division", display="DIVISION", rank=4, paper_table2=(67.56, 0.48, 63.62, 0.09),
+          benchmarks=frozenset({"paper", "sweep"}), citation=ESMM_CITATION,
+          summary="independent CTR and CTCVR nets; pCVR = pCTCVR / pCTR, clipped at "
+          "`model.division.clip`", benchmark_monitor="ctcvr_auc")
 def _division(cfg: ModelConfig, spec: FeatureSpec, sparse: bool) -> MultiTaskModel:
     return Division(spec, cfg, sparse=sparse)

@@ -39,5 +39,20 @@ class Tower(nn.Module):
         layers.append(nn.Linear(d, 1))
         self.net = nn.Sequential(*layers)
 
+    @property
+    def hidden_dim(self) -> int:
+        """Width of the last hidden layer (the input of the logit layer)."""
+        return self.net[-1].in_features
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x).squeeze(-1)  # (B, 1) -> (B,)
+
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, in_dim) -> (B, hidden_dim): every layer but the logit layer."""
+        for layer in self.net[:-1]:
+            x = layer(x)
+        return x
+
+    def logit(self, h: torch.Tensor) -> torch.Tensor:
+        """(B, hidden_dim) -> (B,): the logit layer alone; ``logit(hidden(x)) == forward(x)``."""
+        return self.net[-1](h).squeeze(-1)

@@ -1,0 +1,269 @@
+"""Training throughput of the multi-task zoo: samples/s and peak RSS per backbone, and the same
+MMoE and PLE in torch-rechub 0.9.0 on the same rows and shapes.
+
+    python bench/zoo_throughput.py --rows 40000 --steps 30 --out zoo_throughput.json
+
+Every measurement runs in a fresh process, so its peak RSS is its own, on ``--threads``
+threads. The rows are simulated once (preset ``aliccp``, every Ali-CCP field, the feature
+preset's hash buckets) and encoded once by esmm; both libraries train on those encoded rows.
+
+``esmm``: ESMM over each backbone (the entire-space head), esmm's batches and optimizers
+(Adam on the dense weights, row-sparse Adam on the tables), one step = forward, losses,
+backward, optimizer steps. torch-rechub: its ``MMOE`` and ``PLE`` with the same embedding
+width, tables, experts and towers, trained by its ``MTLTrainer.train_one_epoch`` on its
+``DataGenerator`` loader; its inputs are esmm's hashed ids, its bags padded to the mean bag
+length of the rows (as bench/train_throughput.py does for its ESMM), its two tasks click and
+click * conversion over all impressions. Both are timed over ``--steps`` steps after
+``--warmup`` steps; samples/s = timed rows / timed seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import math
+import multiprocessing as mp
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+BACKBONES = ("none", "shared_bottom", "mmoe", "ple", "dbmtl", "aitm")
+RECHUB = ("mmoe", "ple")
+EMBEDDING_DIM = 16
+TOWER = [128, 64]
+MMOE = {"experts": 4, "expert": [256, 128]}
+PLE = {"levels": 2, "task_experts": 2, "shared_experts": 2, "expert": [128, 64]}
+
+
+def _config(data_dir: Path, backbone: str, batch: int) -> dict[str, Any]:
+    """The esmm config of one measurement (a plain dict, validated by esmm.config)."""
+    extra = {"mmoe": MMOE, "ple": PLE}.get(backbone, {})
+    return {
+        "data": {"train": str(data_dir / "train"), "user_column": "101"},
+        "features": "aliccp",
+        "model": {"name": "esmm", "tower": TOWER, "embedding_dim": EMBEDDING_DIM,
+                  "backbone": {"name": backbone, **extra}, "head": {"name": "entire_space"}},
+        "train": {"batch_size": batch, "seed": 0, "progress": "off",
+                  "optimizer": {"name": "adam", "lr": 0.001}},
+    }
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
+def measure_esmm(data_dir: Path, backbone: str, batch: int, warmup: int, steps: int
+                 ) -> dict[str, Any]:
+    """ESMM over ``backbone``: esmm's own training step, timed."""
+    import torch
+
+    from esmm.config import config_from_dict
+    from esmm.data.stream import split_batches
+    from esmm.data.tables import load_split
+    from esmm.features import spec_from_config
+    from esmm.models import build_model
+    from esmm.train import build_optimizers
+
+    cfg = config_from_dict(_config(data_dir, backbone, batch))
+    spec = spec_from_config(cfg)
+    data = load_split(cfg.data.train, spec, cfg.data)
+    torch.manual_seed(0)
+    model = build_model(cfg, spec)
+    opts = build_optimizers(model, cfg)
+    model.train()
+    stamps: list[float] = []
+    timed = 0
+    for i, b in enumerate(split_batches(data, batch, shuffle=True, seed=0, epoch=0)):
+        if i == warmup + steps:
+            break
+        if i == warmup:
+            stamps.append(time.perf_counter())
+        if i >= warmup:
+            timed += b.size
+        out = model(b)
+        total = model.total_loss(model.losses(out, b))
+        for o in opts:
+            o.zero_grad(set_to_none=True)
+        total.backward()
+        for o in opts:
+            o.step()
+    stamps.append(time.perf_counter())
+    return {"samples_per_s": timed / (stamps[-1] - stamps[0]), "timed_rows": timed,
+            "params": sum(p.numel() for p in model.parameters()),
+            "peak_rss_mib": _peak_rss_mib()}
+
+
+def rechub_inputs(data_dir: Path, batch: int) -> tuple[dict[str, Any], Any, list[Any]]:
+    """esmm's encoded rows as torch-rechub inputs and features: {field: (N,) ids or (N, L)
+    padded bags (ids + 1; 0 pads)}, labels (N, 2) = (click, click * conversion)."""
+    import numpy as np
+    from torch_rechub.basic.features import SequenceFeature, SparseFeature
+
+    from esmm.config import config_from_dict
+    from esmm.data.tables import load_split
+    from esmm.features import spec_from_config
+
+    cfg = config_from_dict(_config(data_dir, "none", batch))
+    spec = spec_from_config(cfg)
+    data = load_split(cfg.data.train, spec, cfg.data)
+    user = data.user_row
+    x: dict[str, Any] = {}
+    features: list[Any] = []
+    for f in cfg.features:
+        if f.kind == "categorical":
+            ids = data.ids[f.name] if f.name in data.ids else data.user_ids[f.name][user]
+            x[f.name] = ids.astype(np.int64)
+            features.append(SparseFeature(f.name, vocab_size=f.buckets, embed_dim=EMBEDDING_DIM))
+            continue
+        values, offsets = data.bags[f.name] if f.name in data.bags else data.user_bags[f.name]
+        rows = np.arange(data.n) if f.name in data.bags else user
+        sizes = np.diff(offsets)
+        length = max(1, math.ceil(float(sizes[rows].mean())))
+        padded = np.zeros((len(sizes), length), dtype=np.int64)
+        take = np.minimum(sizes, length)
+        col = np.arange(length)
+        mask = col[None, :] < take[:, None]
+        src = offsets[:-1, None] + col[None, :]
+        padded[mask] = values[src[mask]] + 1
+        x[f.name] = padded[rows]
+        features.append(SequenceFeature(f.name, vocab_size=f.buckets + 1,
+                                        embed_dim=EMBEDDING_DIM, pooling="mean",
+                                        padding_idx=0))
+    click = np.asarray(data.click, dtype=np.float32)
+    y = np.stack([click, click * np.asarray(data.conversion, dtype=np.float32)], axis=1)
+    return x, y, features
+
+
+class _Timed:
+    """A loader that stops after ``cap`` batches and stamps each request for the next batch
+    (the trainer asks once its previous step is done)."""
+
+    def __init__(self, loader: Any, cap: int) -> None:
+        self.loader, self.cap, self.stamps, self.rows = loader, cap, [], []
+
+    def __len__(self) -> int:
+        return min(len(self.loader), self.cap)
+
+    def __iter__(self):
+        for i, (xb, yb) in enumerate(self.loader):
+            self.stamps.append(time.perf_counter())
+            if i == self.cap:
+                return
+            self.rows.append(int(yb.shape[0]))
+            yield xb, yb
+
+
+def measure_rechub(data_dir: Path, backbone: str, batch: int, warmup: int, steps: int
+                   ) -> dict[str, Any]:
+    """torch-rechub's MMOE or PLE, trained by its MTLTrainer, timed."""
+    import torch
+    from torch_rechub.models.multi_task import MMOE as RMMOE
+    from torch_rechub.models.multi_task import PLE as RPLE
+    from torch_rechub.trainers import MTLTrainer
+    from torch_rechub.utils.data import DataGenerator
+
+    x, y, features = rechub_inputs(data_dir, batch)
+    loader = DataGenerator(x, y).generate_dataloader(
+        x_val=x, y_val=y, x_test=x, y_test=y, batch_size=batch)[0]
+    torch.manual_seed(0)
+    towers = [{"dims": TOWER}, {"dims": TOWER}]
+    tasks = ["classification", "classification"]
+    if backbone == "mmoe":
+        model = RMMOE(features, tasks, MMOE["experts"], {"dims": MMOE["expert"]}, towers)
+    else:
+        model = RPLE(features, tasks, PLE["levels"], PLE["task_experts"],
+                     PLE["shared_experts"], {"dims": PLE["expert"]}, towers)
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = MTLTrainer(model, task_types=tasks, optimizer_fn=torch.optim.Adam,
+                             optimizer_params={"lr": 0.001}, n_epoch=1, device="cpu",
+                             model_path=tmp)
+        timed = _Timed(loader, warmup + steps)
+        # The trainer prints losses and draws a progress bar; keep them out of the output.
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            trainer.train_one_epoch(timed)
+    rows = sum(timed.rows[warmup:])
+    return {"samples_per_s": rows / (timed.stamps[-1] - timed.stamps[warmup]),
+            "timed_rows": rows, "params": sum(p.numel() for p in model.parameters()),
+            "peak_rss_mib": _peak_rss_mib()}
+
+
+def _child(queue: Any, kind: str, args: tuple, threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    try:
+        fn = measure_esmm if kind == "esmm" else measure_rechub
+        queue.put(fn(*args))
+    except Exception as e:  # noqa: BLE001 - reported in the results, the others still run
+        queue.put({"error": f"{type(e).__name__}: {e}"})
+
+
+def run(kind: str, args: tuple, threads: int) -> dict[str, Any]:
+    """One measurement in a fresh process."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(queue, kind, args, threads))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
+
+
+def simulate(data_dir: Path, rows: int) -> None:
+    from esmm.data.simulate import get_preset, write_simulation
+
+    if not (data_dir / "train").exists():
+        write_simulation(data_dir, get_preset("aliccp"), {"train": rows}, 2018)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", type=int, default=40_000, help="simulated training rows")
+    p.add_argument("--batch", type=int, default=2048)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=15, help="timed steps")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--data", type=Path, default=None, help="folder for the simulated rows "
+                   "(default: a temporary folder)")
+    p.add_argument("--out", type=Path, default=None, help="JSON file for the results")
+    a = p.parse_args(argv)
+    if (a.warmup + a.steps) * a.batch > a.rows:
+        p.error(f"--rows {a.rows} is too few for {a.warmup + a.steps} steps of {a.batch}")
+    with tempfile.TemporaryDirectory() as tmp:
+        data_dir = a.data or Path(tmp)
+        simulate(data_dir, a.rows)
+        shape = (a.batch, a.warmup, a.steps)
+        results: dict[str, Any] = {"setup": vars(a) | {"data": str(a.data), "out": str(a.out)}}
+        for b in BACKBONES:
+            results[f"esmm {b}"] = run("esmm", (data_dir, b, *shape), a.threads)
+        for b in RECHUB:
+            results[f"torch-rechub {b}"] = run("rechub", (data_dir, b, *shape), a.threads)
+    for b in RECHUB:
+        mine, theirs = results[f"esmm {b}"], results[f"torch-rechub {b}"]
+        if "error" not in mine and "error" not in theirs:
+            results[f"ratio {b}"] = mine["samples_per_s"] / theirs["samples_per_s"]
+    print("| run | samples/s | peak RSS (MiB) | parameters |")
+    print("|---|---:|---:|---:|")
+    for name, r in results.items():
+        if isinstance(r, dict) and "samples_per_s" in r:
+            print(f"| {name} | {r['samples_per_s']:,.0f} | {r['peak_rss_mib']:,.0f} | "
+                  f"{r['params']:,} |")
+        elif isinstance(r, dict) and "error" in r:
+            print(f"| {name} | error: {r['error']} | | |")
+    for b in RECHUB:
+        if f"ratio {b}" in results:
+            print(f"esmm / torch-rechub, {b}: {results[f'ratio {b}']:.2f}x")
+    if a.out is not None:
+        from esmm.fsio import write_text
+
+        write_text(a.out, json.dumps(results, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
