@@ -27,6 +27,7 @@ line naming the artifact and the metadata field.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -37,6 +38,7 @@ import reprlib
 import threading
 import time
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path, PurePath
 from typing import IO, Any
 
@@ -839,8 +841,28 @@ _ONNX_METADATA_PROPS = 14  # ModelProto.metadata_props, a repeated StringStringE
 
 
 def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
+    """An exception as one short line. TorchScript puts the graph's traceback before the error
+    itself, which is then the last line."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    text = lines[-1] if len(lines) > 1 and "Traceback" in str(e) else " ".join(lines)
     return f"{type(e).__name__}: {text[:300]}"
+
+
+@contextlib.contextmanager
+def _runtime_log_to_debug(predictor: Predictor) -> Iterator[None]:
+    """Route onnxruntime's own log lines to this module's debug log while the graph is probed:
+    a failing probe is reported once, by the error it raises, not also on stderr."""
+    if predictor.format != "onnx":
+        yield
+        return
+    import onnxruntime as ort
+
+    ort.set_default_logger_callback(
+        lambda severity, category, logid, where, msg: log.debug("onnxruntime: %s", msg), 3)
+    try:
+        yield
+    finally:
+        ort.set_default_logger_callback(None)
 
 
 def _varint(fh: IO[bytes]) -> int:
@@ -1097,8 +1119,9 @@ def load_checked(path: str | os.PathLike, threads: int | None = None) -> Predict
         raise
     except Exception as e:  # noqa: BLE001 - the loader's own checks are the ones above
         raise DataError(f"{p}: cannot load the artifact ({_one_line(e)})") from None
-    probe_tables(predictor, str(p))
-    _warm_up(predictor, str(p))
+    with _runtime_log_to_debug(predictor):
+        probe_tables(predictor, str(p))
+        _warm_up(predictor, str(p))
     return predictor
 
 
