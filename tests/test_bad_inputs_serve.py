@@ -211,9 +211,11 @@ def test_limits_are_published(server):
     meta = server.get("/metadata").json()
     assert (meta["max_items"], meta["max_body_bytes"], meta["max_bag_len"]) == (
         MAX_ITEMS, MAX_BODY, MAX_BAG)
+    assert meta["max_in_flight"] == 8  # the default
 
 
-@pytest.mark.parametrize("option", ["--max-body-bytes", "--max-bag-len", "--max-items"])
+@pytest.mark.parametrize("option", ["--max-body-bytes", "--max-bag-len", "--max-items",
+                                    "--max-in-flight"])
 def test_limit_options_must_be_positive(option, artifacts):
     res = CliRunner().invoke(app, ["serve", str(artifacts["onnx"]), option, "0"])
     assert res.exit_code == 2 and option in res.output and "Traceback" not in res.output
@@ -426,3 +428,56 @@ def test_onnx_metadata_reader_agrees_with_onnx(artifacts):
     extra = {"esmm.json": ""}
     torch.jit.load(str(artifacts["torchscript"]), _extra_files=extra)
     assert read_artifact_metadata(artifacts["torchscript"]) == json.loads(extra["esmm.json"])
+
+
+@pytest.mark.parametrize("raw,reason", [
+    (b'{"impressions": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "RecursionError"),
+    (b'{"impressions": [{"101": ' + b"9" * 10_000 + b"}]}", "digits"),
+])
+def test_json_the_decoder_refuses_gets_400_naming_the_reason(server, raw, reason):
+    r = server.post("/predict", content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    err = r.json()
+    assert err["field"] == "body" and err["error"].startswith("body: the body cannot be decoded")
+    assert reason in err["error"] and "\n" not in err["error"]
+
+
+def test_in_flight_slots_bound_the_requests_in_the_app():
+    import asyncio
+
+    from esmm.serve import _BodyLimitMiddleware
+
+    state = {"now": 0, "peak": 0}
+
+    async def inner(scope, receive, send):
+        body = (await receive())["body"]
+        state["now"] += 1
+        state["peak"] = max(state["peak"], state["now"])
+        await asyncio.sleep(0.01)  # every other request arrives while this one is in the app
+        state["now"] -= 1
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": body})
+
+    limited = _BodyLimitMiddleware(inner, max_bytes=100, max_in_flight=2)
+
+    async def request(body, method="POST"):
+        chunks = [body[:3], body[3:]]
+        sent = []
+
+        async def receive():
+            return {"type": "http.request", "body": chunks.pop(0), "more_body": bool(chunks)}
+
+        async def send(message):
+            sent.append(message)
+
+        await limited({"type": "http", "method": method, "headers": []}, receive, send)
+        return sent[0]["status"], sent[-1]["body"]
+
+    async def main():
+        return await asyncio.gather(*(request(b"x" * i) for i in range(10)),
+                                    request(b"y" * 101))
+
+    answers = asyncio.run(main())
+    assert state["peak"] == 2
+    assert answers[:10] == [(200, b"x" * i) for i in range(10)]  # each body replayed whole
+    assert answers[10][0] == 413

@@ -285,6 +285,9 @@ def serve(
                                        "per --max-items item, at least 1 MiB."),
     max_bag_len: int = typer.Option(10_000, min=1, help="Most ids in one bag (a "
                                     "multi_categorical value); longer bags get HTTP 413."),
+    max_in_flight: int = typer.Option(8, min=1, help="Requests with a body one worker decodes "
+                                      "and scores at once; more wait their turn (bounds a "
+                                      "worker's memory)."),
     show_paths: bool = typer.Option(False, "--show-paths", help="Publish the artifact's, run's "
                                     "and data's paths in /metadata (default: names only)."),
     threads: int = typer.Option(1, min=0, help="Intra-op threads per worker (0: CPU cores "
@@ -304,7 +307,7 @@ def serve(
 
     run_serve(artifact, host=host, port=port, workers=workers, max_items=max_items,
               threads=threads, log_level=log_level, max_body_bytes=max_body_bytes,
-              max_bag_len=max_bag_len, show_paths=show_paths)
+              max_bag_len=max_bag_len, max_in_flight=max_in_flight, show_paths=show_paths)
 
 
 benchmark_app = typer.Typer(

@@ -27,6 +27,7 @@ line naming the artifact and the metadata field.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import json
@@ -67,6 +68,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_ITEMS = 10_000
 DEFAULT_MAX_BAG_LEN = 10_000
+DEFAULT_MAX_IN_FLIGHT = 8
 # Without --max-body-bytes a request may carry 1 KiB per allowed item (a full Ali-CCP row with
 # its bags is a few hundred bytes), and never less than 1 MiB.
 BODY_BYTES_PER_ITEM = 1024
@@ -327,15 +329,20 @@ class Limits:
         max_body_bytes: bytes of the request body, counted as they arrive; None: derived from
             ``max_items`` (:func:`default_max_body_bytes`).
         max_bag_len: ids in one bag (one bag field of one item, or of ``user``).
+        max_in_flight: requests with a body that one worker decodes and scores at once; more
+            wait, holding only their raw body, so a worker's memory is bounded by this many
+            decoded requests of at most ``max_body_bytes`` each.
     """
 
     max_items: int = DEFAULT_MAX_ITEMS
     max_body_bytes: int | None = None
     max_bag_len: int = DEFAULT_MAX_BAG_LEN
+    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
 
     def __post_init__(self) -> None:
         _positive("--max-items", self.max_items)
         _positive("--max-bag-len", self.max_bag_len)
+        _positive("--max-in-flight", self.max_in_flight)
         if self.max_body_bytes is None:
             object.__setattr__(self, "max_body_bytes", default_max_body_bytes(self.max_items))
         _positive("--max-body-bytes", self.max_body_bytes)
@@ -345,7 +352,8 @@ class Limits:
 
 
 class _BodyLimitMiddleware:
-    """Plain ASGI middleware: reads the request body, refusing it (413) past ``max_bytes``.
+    """Plain ASGI middleware: reads the request body, refusing it (413) past ``max_bytes``, then
+    lets at most ``max_in_flight`` requests with a body into the app at once.
 
     A declared ``Content-Length`` over the limit is refused before a byte of the body is read
     (so a client that sent ``Expect: 100-continue`` never sends it); otherwise the body is
@@ -353,14 +361,18 @@ class _BodyLimitMiddleware:
     trust) and reading stops at the first chunk past the limit. A 413 closes the connection,
     so the server does not go on reading what the client still sends. The body read is then
     replayed to the app, which therefore never holds more than ``max_bytes`` of raw body.
+
+    The slots are taken after the body is read, so a slow client holds no slot; GET and HEAD
+    requests (health checks, metrics) take none and are answered even when every slot is busy.
     """
 
-    def __init__(self, app: Any, max_bytes: int) -> None:
+    def __init__(self, app: Any, max_bytes: int, max_in_flight: int) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.slots = asyncio.Semaphore(max_in_flight)
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope.get("method") in ("GET", "HEAD"):
             await self.app(scope, receive, send)
             return
         declared = _content_length(scope)
@@ -392,7 +404,8 @@ class _BodyLimitMiddleware:
             replayed = True
             return {"type": "http.request", "body": body, "more_body": False}
 
-        await self.app(scope, replay, send)
+        async with self.slots:
+            await self.app(scope, replay, send)
 
     async def _refuse(self, send: Any, got: str) -> None:
         msg = (f"body: the request body of {got} is over the limit of {self.max_bytes} bytes "
@@ -676,6 +689,12 @@ def _add_error_handlers(app: FastAPI, limits: Limits) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+        cause = exc.__cause__
+        if exc.status_code == 400 and cause is not None:
+            # JSON the decoder refuses other than by syntax: nesting past Python's recursion
+            # limit, an integer of more digits than Python converts
+            return _json({"error": f"body: the body cannot be decoded ({_one_line(cause)})",
+                          "field": "body", "index": None}, 400)
         return _json({"error": str(exc.detail), "field": None, "index": None}, exc.status_code)
 
     @app.exception_handler(Exception)
@@ -806,7 +825,8 @@ def create_app(predictor: Predictor, limits: Limits | None = None, *,
                     f"the run `{source}` ({predictor.format}). Fields: "
                     + ", ".join(f"`{f.name}` ({f.kind})" for f in spec.fields),
     )
-    app.add_middleware(_BodyLimitMiddleware, max_bytes=limits.max_body_bytes)
+    app.add_middleware(_BodyLimitMiddleware, max_bytes=limits.max_body_bytes,
+                       max_in_flight=limits.max_in_flight)
     app.add_middleware(_MetricsMiddleware, metrics=metrics)  # outermost: counts 413s too
     app.state.predictor = predictor
     app.state.metrics = metrics
@@ -1166,13 +1186,14 @@ def _check_port(host: str, port: int) -> bool:
 def serve(path: str | os.PathLike, host: str = "127.0.0.1", port: int = 8080, workers: int = 1,
           max_items: int = DEFAULT_MAX_ITEMS, threads: int = 1, log_level: str = "info", *,
           max_body_bytes: int | None = None, max_bag_len: int = DEFAULT_MAX_BAG_LEN,
-          show_paths: bool = False) -> None:
+          max_in_flight: int = DEFAULT_MAX_IN_FLIGHT, show_paths: bool = False) -> None:
     """Load the artifact at ``path`` and serve it until interrupted.
 
     Args:
         host: the address to listen on; the default is loopback (this machine only).
         workers: uvicorn worker processes (each loads the artifact).
-        max_items, max_body_bytes, max_bag_len: the request limits (:class:`Limits`).
+        max_items, max_body_bytes, max_bag_len, max_in_flight: the request limits
+            (:class:`Limits`).
         threads: intra-op threads per worker (1 gives the lowest latency for requests of up
             to a few thousand rows and leaves cores to the HTTP side and other workers); 0 picks
             ``max(1, cpus // workers)``.
@@ -1182,7 +1203,7 @@ def serve(path: str | os.PathLike, host: str = "127.0.0.1", port: int = 8080, wo
 
     if workers < 1:
         raise UsageError("--workers must be at least 1")
-    limits = Limits(max_items, max_body_bytes, max_bag_len)
+    limits = Limits(max_items, max_body_bytes, max_bag_len, max_in_flight)
     if threads < 0:
         raise UsageError("--threads must be 0 (auto) or more")
     levels = ("critical", "error", "warning", "info", "debug", "trace")
