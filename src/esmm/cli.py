@@ -285,7 +285,7 @@ def serve(
                                        "per --max-items item, at least 1 MiB."),
     max_bag_len: int = typer.Option(10_000, min=1, help="Most ids in one bag (a "
                                     "multi_categorical value); longer bags get HTTP 413."),
-    max_in_flight: int = typer.Option(8, min=1, help="Requests with a body one worker decodes "
+    max_in_flight: int = typer.Option(4, min=1, help="Requests with a body one worker decodes "
                                       "and scores at once; more wait their turn (bounds a "
                                       "worker's memory)."),
     show_paths: bool = typer.Option(False, "--show-paths", help="Publish the artifact's, run's "

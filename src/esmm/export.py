@@ -556,6 +556,9 @@ def load_artifact(path: str | Path, threads: int | None = None) -> Predictor:
                 opts.intra_op_num_threads = threads
                 opts.inter_op_num_threads = 1
             opts.log_severity_level = 3
+            # The arena keeps the high-water mark of every run for good: one large request
+            # would pin hundreds of MB of a server worker (bench/serve.py --hostile).
+            opts.enable_cpu_mem_arena = False
             sess = ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"])
             props = sess.get_modelmeta().custom_metadata_map
             if METADATA_KEY not in props:

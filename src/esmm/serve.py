@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -68,7 +69,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_ITEMS = 10_000
 DEFAULT_MAX_BAG_LEN = 10_000
-DEFAULT_MAX_IN_FLIGHT = 8
+DEFAULT_MAX_IN_FLIGHT = 4
 # Without --max-body-bytes a request may carry 1 KiB per allowed item (a full Ali-CCP row with
 # its bags is a few hundred bytes), and never less than 1 MiB.
 BODY_BYTES_PER_ITEM = 1024
@@ -406,6 +407,8 @@ class _BodyLimitMiddleware:
 
         async with self.slots:
             await self.app(scope, replay, send)
+        if len(body) >= _TRIM_AFTER_BYTES:
+            _release_free_memory()
 
     async def _refuse(self, send: Any, got: str) -> None:
         msg = (f"body: the request body of {got} is over the limit of {self.max_bytes} bytes "
@@ -415,6 +418,35 @@ class _BodyLimitMiddleware:
             (b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
             (b"connection", b"close")]})
         await send({"type": "http.response.body", "body": data})
+
+
+# A body this large decodes into hundreds of MB of short-lived Python objects and arrays.
+_TRIM_AFTER_BYTES = 1 << 20
+
+
+@functools.cache
+def _malloc_trim() -> Any:
+    """glibc's ``malloc_trim``, or None where the C library has none (musl, macOS)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        return getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+    except OSError:
+        return None
+
+
+def _release_free_memory() -> None:
+    """Hand the C heap's free pages back to the system.
+
+    glibc keeps memory freed by a large request (its mmap threshold grows after large frees,
+    so later large blocks come from heaps it does not shrink): without this, a worker stays at
+    its largest request's size. Measured by ``bench/serve.py --hostile``.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def _content_length(scope: dict) -> int | None:
