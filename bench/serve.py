@@ -174,10 +174,15 @@ def hostile_bodies(meta: dict, limits: dict) -> list[tuple[str, dict, bytes]]:
     bag = next(f.name for f in spec.fields if f.kind == "multi_categorical")
     body_max, bag_max, items_max = (limits["max_body_bytes"], limits["max_bag_len"],
                                     limits["max_items"])
-    huge_bag = b'{"impressions": [{"%s": [' % bag.encode() + b",".join(
-        [b"123456"] * 3_000_000) + b"]}]}"
-    at_limit_bag = b'{"impressions": [{"%s": [' % bag.encode() + b",".join(
-        [b"1"] * (body_max // 2 - 40)) + b"]}]}"
+    others = json.dumps({k: v for k, v in row.items() if k != bag}).encode()[:-1]
+
+    def one_bag(ids: bytes, n: int) -> bytes:  # a whole row whose bag holds n ids
+        return b'{"impressions": [%s, "%s": [' % (others, bag.encode()) + b",".join(
+            [ids] * n) + b"]}]}"
+
+    huge_bag = one_bag(b"123456", 3_000_000)
+    n_bag = (body_max - len(others) - 60) // 2
+    at_limit_bag = one_bag(b"1", n_bag)
     tiny = b'{"impressions": [' + b",".join([b"{}"] * (body_max // 3 - 10)) + b"]}"
     deep = b'{"impressions": ' + b"[" * (body_max // 2 - 20) + b"]" * (body_max // 2 - 20) + b"}"
     full = row | {bag: list(range(bag_max))}
@@ -187,8 +192,7 @@ def hostile_bodies(meta: dict, limits: dict) -> list[tuple[str, dict, bytes]]:
         (f"{len(huge_bag) >> 20} MiB body, one bag of 3M ids (Content-Length)", {}, huge_bag),
         (f"{len(huge_bag) >> 20} MiB body, one bag of 3M ids (chunked)",
          {"transfer-encoding": "chunked"}, huge_bag),
-        (f"{len(at_limit_bag) >> 10} KiB body, one bag of {body_max // 2 - 40} ids", {},
-         at_limit_bag),
+        (f"{len(at_limit_bag) >> 10} KiB body, one bag of {n_bag} ids", {}, at_limit_bag),
         (f"{len(tiny) >> 10} KiB body, {body_max // 3 - 10} empty items", {}, tiny),
         (f"{len(deep) >> 10} KiB body, nested {body_max // 2 - 20} deep", {}, deep),
         (f"{len(at_limit_items) >> 10} KiB body, {n_full} items with bags of {bag_max} ids",
