@@ -16,13 +16,14 @@ scored with one vectorised call of :meth:`esmm.export.Predictor.predict_columns`
 Limits (:class:`Limits`) bound what one request can cost, each checked before the step it
 protects: the body size while the body streams in (before any JSON decoding, chunked bodies
 included), the item count right after decoding (before any item is validated), and the length
-of every bag before it is hashed. Over a limit: HTTP 413.
+of every bag before it is hashed. Over a limit: HTTP 413. A worker decodes and scores at most
+``max_in_flight`` requests at once, and gives the memory of a large one back afterwards.
 
 ``/metadata`` and ``/openapi.json`` publish names, never paths: the run's name, the artifact's
-file name and data files' base names (``show_paths`` adds the full paths). At start-up the
-artifact's metadata is checked field by field and its feature spec against the graph's
-embedding tables (:func:`check_artifact`), so a malformed artifact stops the server with one
-line naming the artifact and the metadata field.
+file name and data files' base names (``show_paths`` adds the full paths). At start-up
+(:func:`load_checked`) the artifact's metadata is checked field by field and its bucket counts
+against the graph's embedding tables, so a malformed artifact stops the server with one line
+naming the artifact and the metadata field.
 """
 
 from __future__ import annotations
