@@ -374,7 +374,7 @@ class _BodyLimitMiddleware:
         self.slots = asyncio.Semaphore(max_in_flight)
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope.get("method") in ("GET", "HEAD"):
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         declared = _content_length(scope)
@@ -406,6 +406,9 @@ class _BodyLimitMiddleware:
             replayed = True
             return {"type": "http.request", "body": body, "more_body": False}
 
+        if scope.get("method") in ("GET", "HEAD"):
+            await self.app(scope, replay, send)
+            return
         async with self.slots:
             await self.app(scope, replay, send)
         if len(body) >= _TRIM_AFTER_BYTES:
