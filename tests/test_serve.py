@@ -250,6 +250,8 @@ BAD_RANK = [
                                          _good()]}, 422, "101", 1),
     ({"candidates": [_good()], "score": {"p_click": 1.0}}, 422, "p_click", None),
     ({"candidates": [_good()], "top_k": 0}, 422, "top_k", None),
+    ({"candidates": [_good()], "score": {"p_ctr": 1.7e308, "p_cvr": 1.7e308}}, 422, "p_ctr",
+     None),
     ({"candidates": [_good()] * (MAX_ITEMS + 1)}, 413, "candidates", None),
 ]
 

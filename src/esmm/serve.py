@@ -105,13 +105,18 @@ class PredictResponse(BaseModel):
     predictions: list[Probabilities] = Field(description="One entry per impression, in order.")
 
 
+# Three weights of at most this size times probabilities of at most 1 cannot overflow float64,
+# so a score is always a finite JSON number.
+_MAX_WEIGHT = 1e300
+
+
 class ScoreWeights(BaseModel):
     """Weights of the ranking score: ``score = sum(weight * probability)``."""
 
     model_config = ConfigDict(extra="forbid")
-    p_ctr: float = Field(0.0, allow_inf_nan=False)
-    p_cvr: float = Field(0.0, allow_inf_nan=False)
-    p_ctcvr: float = Field(0.0, allow_inf_nan=False)
+    p_ctr: float = Field(0.0, allow_inf_nan=False, ge=-_MAX_WEIGHT, le=_MAX_WEIGHT)
+    p_cvr: float = Field(0.0, allow_inf_nan=False, ge=-_MAX_WEIGHT, le=_MAX_WEIGHT)
+    p_ctcvr: float = Field(0.0, allow_inf_nan=False, ge=-_MAX_WEIGHT, le=_MAX_WEIGHT)
 
 
 class RankRequest(BaseModel):
