@@ -318,10 +318,11 @@ def test_memory_comes_back_after_hostile_requests(artifacts):
     (first, _), (last, peak) = rounds[0], rounds[-1]
     mib = {k: v >> 20 for k, v in dict(start=start, first=first, last=last, peak=peak).items()}
     print(f"server RSS MiB: {mib}")
-    # each request took its hundreds of MB (the peak), and gave them back
+    # each round took its hundreds of MB (the peak) and gave most of them back (kept, without
+    # the trimming: three quarters), and later rounds add little (without: 40 MiB a round)
     assert peak - start > 100 << 20, mib
-    assert last - start < (peak - start) / 4, mib
-    assert last - first < 20 << 20, mib
+    assert last - start < (peak - start) / 2, mib
+    assert last - first < 40 << 20, mib
 
 
 # ----------------------------------------------------------------------------- artifacts
