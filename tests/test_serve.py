@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 from esmm.cli import app
 from esmm.config import config_from_dict
 from esmm.export import export_run
+from esmm.serve import hide_paths, run_name
 from esmm.train import train
 from tests.conftest import small_config
 
@@ -330,3 +331,24 @@ def test_random_json_never_5xx(server, body):
     r = server.post("/predict", json=body)
     assert r.status_code < 500, (body, r.text)
     assert r.status_code in (200, 413, 422), r.text
+
+
+@pytest.mark.parametrize("run,name", [
+    ("/data/runs/esmm", "esmm"), ("runs/esmm/", "esmm"), ("runs/esmm/checkpoints/best.pt", "esmm"),
+    ("C:\\runs\\esmm\\checkpoints\\best.pt", "esmm"), ("esmm", "esmm"), (None, None),
+    ("/data/model.pt", "model.pt"),
+])
+def test_run_name(run, name):
+    assert run_name(run) == name
+
+
+def test_hide_paths_cuts_known_and_absolute_paths_to_names():
+    known = ["data/sim/valid", "/abs/runs/r1"]
+    value = {"data": "data/sim/valid", "sets": ["512 eval rows of data/sim/valid",
+                                                "rows of /srv/x/test.parquet, and more",
+                                                "C:\\Users\\me\\train.csv", "~/d/v.parquet"],
+             "metric": "ctr_logloss+ctcvr_logloss", "ratio": "a/b", "n": 3}
+    assert hide_paths(value, known) == {
+        "data": "valid", "sets": ["512 eval rows of valid", "rows of test.parquet, and more",
+                                  "train.csv", "v.parquet"],
+        "metric": "ctr_logloss+ctcvr_logloss", "ratio": "a/b", "n": 3}
