@@ -9,6 +9,13 @@ latency and candidates scored per second.
     python bench/serve.py                      # train, export (onnx), serve, measure
     python bench/serve.py --format torchscript
     python bench/serve.py --artifact model.onnx --seconds 5 --markdown
+
+With --hostile it measures memory instead: it sends rounds of requests at and past every limit
+(bodies far over --max-body-bytes, declared and chunked; a body at the limit holding one huge
+bag, or tiny items by the hundred thousand, or deep nesting; bags at --max-bag-len) and prints
+the server's resident memory (VmRSS) and its peak (VmHWM) from /proc after each round.
+
+    python bench/serve.py --hostile --rounds 5
 """
 
 from __future__ import annotations
@@ -88,11 +95,12 @@ def requests_from_metadata(meta: dict, sizes: list[int]) -> dict[int, bytes]:
     return {n: json.dumps({"user": user, "candidates": cands[:n]}).encode() for n in sizes}
 
 
-def start_server(artifact: Path, port: int, workers: int, threads: int, max_items: int
-                 ) -> subprocess.Popen:
+def start_server(artifact: Path, port: int, workers: int, threads: int, max_items: int | None,
+                 extra: tuple[str, ...] = ()) -> subprocess.Popen:
+    limit = ["--max-items", str(max_items)] if max_items else []
     proc = subprocess.Popen(
         [sys.executable, "-m", "esmm", "serve", str(artifact), "--port", str(port),
-         "--workers", str(workers), "--threads", str(threads), "--max-items", str(max_items),
+         "--workers", str(workers), "--threads", str(threads), *limit, *extra,
          "--log-level", "warning"], stdout=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -144,6 +152,113 @@ def run_cell(port: int, body: bytes, concurrency: int, seconds: float, warmup: f
     return [x for w in lat for x in w], elapsed, sum(errors)
 
 
+def memory_mib(pid: int) -> tuple[float, float]:
+    """(VmRSS, VmHWM) of process ``pid`` in MiB: resident memory now and its peak so far."""
+    got = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                got[key] = int(value.split()[0]) / 1024
+    return got["VmRSS"], got["VmHWM"]
+
+
+def hostile_bodies(meta: dict, limits: dict) -> list[tuple[str, dict, bytes]]:
+    """(what, extra headers, body) of requests at and past every limit of the server."""
+    from esmm.export import synthetic_columns
+    from esmm.features import FeatureSpec
+
+    spec = FeatureSpec.from_dict(meta["feature_spec"])
+    cols = synthetic_columns(spec, 1, seed=5)
+    row = {f.name: cols[f.name][0] for f in spec.fields}
+    bag = next(f.name for f in spec.fields if f.kind == "multi_categorical")
+    body_max, bag_max, items_max = (limits["max_body_bytes"], limits["max_bag_len"],
+                                    limits["max_items"])
+    others = json.dumps({k: v for k, v in row.items() if k != bag}).encode()[:-1]
+
+    def one_bag(ids: bytes, n: int) -> bytes:  # a whole row whose bag holds n ids
+        return b'{"impressions": [%s, "%s": [' % (others, bag.encode()) + b",".join(
+            [ids] * n) + b"]}]}"
+
+    huge_bag = one_bag(b"123456", 3_000_000)
+    n_bag = (body_max - len(others) - 60) // 2
+    at_limit_bag = one_bag(b"1", n_bag)
+    tiny = b'{"impressions": [' + b",".join([b"{}"] * (body_max // 3 - 10)) + b"]}"
+    deep = b'{"impressions": ' + b"[" * (body_max // 2 - 20) + b"]" * (body_max // 2 - 20) + b"}"
+    full = row | {bag: list(range(bag_max))}
+    n_full = max(1, min(items_max, body_max // len(json.dumps(full))))
+    at_limit_items = json.dumps({"impressions": [full] * n_full}).encode()
+    return [
+        (f"{len(huge_bag) >> 20} MiB body, one bag of 3M ids (Content-Length)", {}, huge_bag),
+        (f"{len(huge_bag) >> 20} MiB body, one bag of 3M ids (chunked)",
+         {"transfer-encoding": "chunked"}, huge_bag),
+        (f"{len(at_limit_bag) >> 10} KiB body, one bag of {n_bag} ids", {}, at_limit_bag),
+        (f"{len(tiny) >> 10} KiB body, {body_max // 3 - 10} empty items", {}, tiny),
+        (f"{len(deep) >> 10} KiB body, nested {body_max // 2 - 20} deep", {}, deep),
+        (f"{len(at_limit_items) >> 10} KiB body, {n_full} items with bags of {bag_max} ids",
+         {}, at_limit_items),
+    ]
+
+
+def send_raw(port: int, headers: dict, body: bytes) -> int:
+    """POST /predict on a fresh connection (chunked when asked); the answer's status."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    try:
+        if headers.get("transfer-encoding") == "chunked":
+            conn.putrequest("POST", "/predict")
+            conn.putheader("content-type", "application/json")
+            conn.putheader("transfer-encoding", "chunked")
+            conn.endheaders()
+            try:
+                for i in range(0, len(body), 1 << 16):
+                    part = body[i:i + (1 << 16)]
+                    conn.send(b"%x\r\n%s\r\n" % (len(part), part))
+                conn.send(b"0\r\n\r\n")
+            except OSError:
+                pass  # the server answered and closed the connection: read its answer
+        else:
+            try:
+                conn.request("POST", "/predict", body=body,
+                             headers={"content-type": "application/json"})
+            except OSError:
+                pass
+        resp = conn.getresponse()
+        resp.read()
+        return resp.status
+    finally:
+        conn.close()
+
+
+def run_hostile(artifact: Path, args: argparse.Namespace) -> None:
+    """Rounds of hostile requests; the server's memory after each."""
+    port = free_port()
+    proc = start_server(artifact, port, 1, args.threads, None)
+    try:
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        c.request("GET", "/metadata")
+        limits = json.loads(c.getresponse().read())
+        from esmm.export import load_artifact
+
+        bodies = hostile_bodies(load_artifact(artifact).metadata, limits)
+        print(f"artifact: {artifact}; limits: " + ", ".join(
+            f"{k} {limits[k]}" for k in ("max_body_bytes", "max_items", "max_bag_len",
+                                         "max_in_flight")))
+        rss, hwm = memory_mib(proc.pid)
+        print("| after | requests | statuses | RSS MiB | peak RSS MiB |")
+        print("|---|---:|---|---:|---:|")
+        print(f"| start (model loaded, warmed up) | 0 | | {rss:.0f} | {hwm:.0f} |")
+        for r in range(1, args.rounds + 1):
+            statuses = [send_raw(port, h, b) for _, h, b in bodies]
+            time.sleep(0.5)  # the server frees a request's memory after sending its answer
+            rss, hwm = memory_mib(proc.pid)
+            print(f"| round {r} | {len(bodies)} | {' '.join(map(str, statuses))} | {rss:.0f} "
+                  f"| {hwm:.0f} |")
+        print("requests of a round: " + "; ".join(w for w, _, _ in bodies))
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--artifact", type=Path, help="Serve this artifact instead of training one.")
@@ -158,6 +273,9 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=1, help="esmm serve --workers.")
     ap.add_argument("--threads", type=int, default=1, help="esmm serve --threads.")
     ap.add_argument("--markdown", action="store_true", help="Print a Markdown table.")
+    ap.add_argument("--hostile", action="store_true", help="Measure the server's memory under "
+                    "requests at and past every limit instead of latency.")
+    ap.add_argument("--rounds", type=int, default=5, help="Rounds of hostile requests.")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     concs = [int(c) for c in args.concurrency.split(",")]
@@ -177,6 +295,14 @@ def main() -> None:
             work.mkdir(parents=True, exist_ok=True)
         artifact, data = build_model(work, args.format, args.rows)
         bodies = requests_from_data(data, sizes)
+
+    if args.hostile:
+        try:
+            run_hostile(artifact, args)
+        finally:
+            if tmp is not None:
+                tmp.cleanup()
+        return
 
     port = free_port()
     proc = start_server(artifact, port, args.workers, args.threads, max(sizes))

@@ -1,6 +1,7 @@
 """The scoring server, run as a real `esmm serve` process on a loopback port."""
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from esmm.cli import app
 from esmm.config import config_from_dict
 from esmm.export import export_run
 from esmm.models import model_names
+from esmm.serve import hide_paths, run_name
 from esmm.train import train
 from tests.conftest import small_config
 
@@ -111,17 +113,78 @@ def test_predict_matches_esmm_predict(server, rows_and_reference):
         np.testing.assert_allclose(v, ref[k], atol=1e-5, rtol=0)
 
 
-def test_torchscript_server_agrees(run_dir, rows_and_reference):
+def test_torchscript_server_agrees_and_shows_paths_when_asked(run_dir, rows_and_reference,
+                                                             flat_data):
     rows, ref = rows_and_reference
     path = run_dir.parent / "model.pt"
     export_run(run_dir, "torchscript", path, parity_rows=32)
-    proc, client = _start(path)
+    proc, client = _start(path, "--show-paths")
     try:
         got = _probs(client.post("/predict", json={"impressions": rows}).json()["predictions"])
-        assert client.get("/metadata").json()["format"] == "torchscript"
+        meta = client.get("/metadata").json()
+        description = client.get("/openapi.json").json()["info"]["description"]
     finally:
         _stop(proc, client)
     np.testing.assert_allclose(got["p_ctcvr"], ref["p_ctcvr"], atol=1e-5, rtol=0)
+    assert meta["format"] == "torchscript"
+    # --show-paths: the operator asked for the paths, so they are there, in full
+    assert meta["paths"]["run"] == str(run_dir) and str(run_dir) in description
+    assert meta["paths"]["artifact"] == str(path.resolve())
+    assert meta["paths"]["data"]["eval"] == str(flat_data["valid"])
+    assert meta["metrics"]["data"] == str(flat_data["valid"])
+
+
+def _strings(value):
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield k
+            yield from _strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _strings(v)
+    elif isinstance(value, str):
+        yield value
+
+
+def test_metadata_and_openapi_publish_names_not_paths(server, tmp_path_factory):
+    base = tmp_path_factory.getbasetemp()
+    for url in ("/metadata", "/openapi.json"):
+        r = server.get(url)
+        assert r.status_code == 200
+        for root in {str(base), str(base.resolve()), "/tmp/"}:
+            assert root not in r.text, (url, root)
+        for text in _strings(r.json()):
+            assert not text.startswith("/") or text in ("/predict", "/rank", "/health",
+                                                        "/metadata", "/metrics"), (url, text)
+    meta = server.get("/metadata").json()
+    assert "paths" not in meta
+    assert all("/" not in s for s in meta["parity"]["row_sets"])
+    assert "64 eval rows of valid.parquet" in meta["parity"]["row_sets"]
+    assert "the run `run`" in server.get("/openapi.json").json()["info"]["description"]
+
+
+def _listening(port):
+    """Local addresses with a listening TCP socket on ``port`` (from /proc/net/tcp{,6})."""
+    found = []
+    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(name) as f:
+            for line in f.readlines()[1:]:
+                local, state = line.split()[1], line.split()[3]
+                addr, p = local.split(":")
+                if state == "0A" and int(p, 16) == port:
+                    raw = bytes.fromhex(addr)
+                    if len(raw) == 4:
+                        found.append(socket.inet_ntop(socket.AF_INET, raw[::-1]))
+                    else:  # four little-endian 32-bit words
+                        words = b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))
+                        found.append(socket.inet_ntop(socket.AF_INET6, words))
+    return found
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/net/tcp"), reason="reads /proc/net/tcp (Linux)")
+def test_binds_loopback_by_default(server):
+    # the `server` fixture starts `esmm serve` without --host
+    assert _listening(server.base_url.port) == ["127.0.0.1"]
 
 
 def _rank_request(rows, user_row=0, **kw):
@@ -189,6 +252,8 @@ BAD_RANK = [
                                          _good()]}, 422, "101", 1),
     ({"candidates": [_good()], "score": {"p_click": 1.0}}, 422, "p_click", None),
     ({"candidates": [_good()], "top_k": 0}, 422, "top_k", None),
+    ({"candidates": [_good()], "score": {"p_ctr": 1.7e308, "p_cvr": 1.7e308}}, 422, "p_ctr",
+     None),
     ({"candidates": [_good()] * (MAX_ITEMS + 1)}, 413, "candidates", None),
 ]
 
@@ -229,8 +294,12 @@ def test_health_metadata_metrics_docs(server, run_dir):
     meta = server.get("/metadata").json()
     assert meta["model"] == "esmm" and meta["format"] == "onnx"
     assert [f["kind"] for f in meta["fields"]][4] == "multi_categorical"
-    assert meta["metrics"] == json.loads((run_dir / "metrics.json").read_text())
+    trained = json.loads((run_dir / "metrics.json").read_text())
+    assert meta["metrics"] == trained | {"data": "valid.parquet"}  # the file's name, not path
     assert meta["esmm_version"]
+    assert meta["run"] == "run" and meta["artifact"] == "model.onnx"
+    assert (meta["max_items"], meta["max_bag_len"]) == (MAX_ITEMS, 10_000)
+    assert meta["max_body_bytes"] == 1 << 20  # 1 KiB per item, at least 1 MiB
     server.post("/predict", json={"impressions": []})
     text = server.get("/metrics").text
     assert 'esmm_requests_total{endpoint="/predict",status="422"}' in text
@@ -290,3 +359,24 @@ def test_every_registered_model_is_served_as_esmm_predict_scores(flat_data, tmp_
     got = _probs(r.json()["predictions"])
     for k, v in got.items():
         np.testing.assert_allclose(v, ref[k], atol=1e-5, rtol=0, err_msg=k)
+
+
+@pytest.mark.parametrize("run,name", [
+    ("/data/runs/esmm", "esmm"), ("runs/esmm/", "esmm"), ("runs/esmm/checkpoints/best.pt", "esmm"),
+    ("C:\\runs\\esmm\\checkpoints\\best.pt", "esmm"), ("esmm", "esmm"), (None, None),
+    ("/data/model.pt", "model.pt"),
+])
+def test_run_name(run, name):
+    assert run_name(run) == name
+
+
+def test_hide_paths_cuts_known_and_absolute_paths_to_names():
+    known = ["data/sim/valid", "/abs/runs/r1"]
+    value = {"data": "data/sim/valid", "sets": ["512 eval rows of data/sim/valid",
+                                                "rows of /srv/x/test.parquet, and more",
+                                                "C:\\Users\\me\\train.csv", "~/d/v.parquet"],
+             "metric": "ctr_logloss+ctcvr_logloss", "ratio": "a/b", "n": 3}
+    assert hide_paths(value, known) == {
+        "data": "valid", "sets": ["512 eval rows of valid", "rows of test.parquet, and more",
+                                  "train.csv", "v.parquet"],
+        "metric": "ctr_logloss+ctcvr_logloss", "ratio": "a/b", "n": 3}

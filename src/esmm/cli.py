@@ -334,12 +334,26 @@ def serve(
     workers: int = typer.Option(1, min=1, help="Worker processes (each loads the artifact)."),
     max_items: int = typer.Option(10_000, min=1, help="Most impressions or candidates in one "
                                   "request; larger requests get HTTP 413."),
+    max_body_bytes: int = typer.Option(None, min=1, help="Largest request body in bytes, "
+                                       "counted as it arrives (chunked bodies too); larger "
+                                       "bodies get HTTP 413 before any parsing. Default: 1 KiB "
+                                       "per --max-items item, at least 1 MiB."),
+    max_bag_len: int = typer.Option(10_000, min=1, help="Most ids in one bag (a "
+                                    "multi_categorical value); longer bags get HTTP 413."),
+    max_in_flight: int = typer.Option(4, min=1, help="Requests with a body one worker decodes "
+                                      "and scores at once; more wait their turn (bounds a "
+                                      "worker's memory)."),
+    show_paths: bool = typer.Option(False, "--show-paths", help="Publish the artifact's, run's "
+                                    "and data's paths in /metadata (default: names only)."),
     threads: int = typer.Option(1, min=0, help="Intra-op threads per worker (0: CPU cores "
                                 "divided by workers)."),
     log_level: str = typer.Option("info", help="uvicorn log level: critical, error, warning, "
                                   "info, debug."),
 ) -> None:
-    """Serve an artifact over HTTP: POST /predict, POST /rank, GET /health, /metadata, /metrics."""
+    """Serve an artifact over HTTP: POST /predict, POST /rank, GET /health, /metadata, /metrics.
+
+    Listens on loopback (127.0.0.1) unless --host says otherwise.
+    """
     from esmm.export import require
 
     require("fastapi")
@@ -347,7 +361,8 @@ def serve(
     from esmm.serve import serve as run_serve
 
     run_serve(artifact, host=host, port=port, workers=workers, max_items=max_items,
-              threads=threads, log_level=log_level)
+              threads=threads, log_level=log_level, max_body_bytes=max_body_bytes,
+              max_bag_len=max_bag_len, max_in_flight=max_in_flight, show_paths=show_paths)
 
 
 benchmark_app = typer.Typer(

@@ -627,6 +627,9 @@ def _load_onnx(path: Path, threads: int | None) -> tuple[Any, dict[str, Any], di
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
+    # The arena keeps the high-water mark of every run for good: one large request would pin
+    # hundreds of MB of a server worker (bench/serve.py --hostile).
+    opts.enable_cpu_mem_arena = False
     sess = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
     return _OnnxRunner(sess), meta, digests
 
