@@ -107,8 +107,8 @@ class EmbeddingCollection(nn.Module):
                                   [self.field_rows[n][1] for n in group])
         return plan
 
-    def _table(self, names: list[str], batch) -> torch.Tensor:
-        """One table's fields for a batch: (B, k, D), fields in spec order.
+    def _table(self, names: list[str], batch) -> dict[str, torch.Tensor]:
+        """One table's fields for a batch: field name -> (B, D) (a view where it can be).
 
         User-side fields are embedded once per distinct user (U rows of ``batch.user_ids`` /
         ``batch.user_bags``) and gathered to the impressions by ``batch.user_index``.
@@ -120,34 +120,24 @@ class EmbeddingCollection(nn.Module):
             pooled = _PooledRows.apply(w, values, sum_offsets, mean_offsets, self.sparse)
         else:
             pooled = _pool(w, values, sum_offsets, mean_offsets)  # (n_bags, D)
-        order: list[str] = []
-        blocks: list[torch.Tensor] = []
+        out: dict[str, torch.Tensor] = {}
         for side in ("own", "user"):
-            parts = plan.blocks(side, pooled)  # [(names, (N, k, D))]
-            if not parts:
-                continue
-            e = parts[0][1] if len(parts) == 1 else torch.cat([p for _, p in parts], dim=1)
-            if side == "user":
-                e = e.index_select(0, batch.user_index)  # (U, k, D) -> (B, k, D)
-            order += [n for group, _ in parts for n in group]
-            blocks.append(e)
-        e = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)  # (B, k, D)
-        if order != names:
-            pos = {n: i for i, n in enumerate(order)}
-            perm = torch.tensor([pos[n] for n in names], device=e.device)
-            e = e.index_select(1, perm)
-        return e
+            for group, e in plan.blocks(side, pooled):  # (N, k, D)
+                if side == "user":
+                    e = e.index_select(0, batch.user_index)  # (U, k, D) -> (B, k, D)
+                out.update(zip(group, e.unbind(1), strict=True))
+        return out
 
     def forward(self, batch) -> torch.Tensor:
-        """(B, input_dim): sparse fields in spec order, then ``batch.dense``."""
-        tables = [(names, self._table(names, batch)) for names in self._names.values()]
-        if len(tables) == 1:
-            parts = [tables[0][1].flatten(1)]  # (B, F, D) -> (B, F * D)
-        else:
-            # Tables of different widths interleave in spec order: one (B, D_f) per field.
-            by_field = {n: e for names, t in tables for n, e in zip(names, t.unbind(1),
-                                                                    strict=True)}
-            parts = [by_field[f.name] for f in self.spec.sparse]
+        """(B, input_dim): sparse fields in spec order, then ``batch.dense``.
+
+        The fields' (B, D) blocks are views into the pooled rows; the one ``cat`` here is the
+        only copy that lays them out in spec order.
+        """
+        by_field: dict[str, torch.Tensor] = {}
+        for names in self._names.values():
+            by_field.update(self._table(names, batch))
+        parts = [by_field[f.name] for f in self.spec.sparse]
         if batch.dense is not None:
             parts.append(batch.dense)
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # (B, input_dim)
