@@ -55,13 +55,14 @@ Sizes (every size at each of ``--threads``, default 1 and 2):
     aliccp: the simulator's ``aliccp`` preset (long user behaviour bags) with ``features:
         aliccp`` (every Ali-CCP field, vocabularies summing to about 2M rows) and the demo's
         model and training settings (``esmm.demo.demo_config``), one epoch.
-    Both sizes train on the demo's number of rows unless ``--rows`` is given.
-    torch-rechub's towers always carry batch norm, so (a) and (b) turn it on at both sizes.
+    Every size trains on the demo's number of rows unless ``--rows`` is given.
+    torch-rechub's towers always carry batch norm, so (a) and (b) turn it on at the small and
+    aliccp sizes (the shipped config runs as is, without).
 
-Evaluation (a second table, ``--eval-rows`` impressions, default 10M, of the first size's
-preset, at the last thread count): the model of (a) scores a freshly simulated test split as
-``esmm evaluate`` does, with ``--loader stream`` and ``--loader memory``, each in its own
-child: seconds to open the split,
+Evaluation (a second table, ``--eval-rows`` impressions, default 10M, of ``--eval-size``'s
+preset, default ``small``, at the last thread count): the model of (a) scores a freshly
+simulated test split as ``esmm evaluate`` does, with ``--loader stream`` and ``--loader
+memory``, each in its own child: seconds to open the split,
 to predict every row, to compute every metric (exact AUC, GAUC, log loss, PCOC per task, from
 the sorted scores), rows/s over the whole, and peak RSS.
 
@@ -856,7 +857,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="device of every run (esmm.train through train.device)")
     ap.add_argument("--eval-rows", type=int, default=10_000_000,
                     help="impressions of the evaluation measurement (0: skip it); it scores "
-                    "them with the first size's (a) model, streamed and in memory")
+                    "them with the --eval-size (a) model, streamed and in memory")
+    ap.add_argument("--eval-size", default="small", choices=SIZE_NAMES,
+                    help="the size whose model and preset the evaluation uses")
     ap.add_argument("--warmup", type=int, default=5, help="steps before timing starts")
     ap.add_argument("--window", type=int, default=10, help="steps per timed window")
     ap.add_argument("--seq-len", type=int, default=0,
@@ -920,8 +923,11 @@ def measure_sizes(args: argparse.Namespace, work: Path, threads: int, labels: di
 
 def measure_evaluation(args: argparse.Namespace, work: Path, details: dict[str, Any]
                        ) -> list[list[str]]:
-    """The evaluation table: the first size's (a) model at the last thread count."""
-    size, threads = args.size_list[0], args.thread_list[-1]
+    """The evaluation table: the (a) model of ``--eval-size`` at the last thread count."""
+    size, threads = args.eval_size, args.thread_list[-1]
+    if size not in details:
+        log.warning("no evaluation: --eval-size %s is not among --sizes", size)
+        return []
     eval_dir = simulate(size, args.eval_rows, work, split="test")
     results: dict[str, dict[str, Any]] = {}
     for loader in EVAL_LOADERS:
