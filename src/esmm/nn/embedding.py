@@ -4,6 +4,7 @@ shared by every tower that uses it."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -155,7 +156,8 @@ class _Plan:
     """
 
     def __init__(self) -> None:
-        self.values: dict[str, list[torch.Tensor]] = {"sum": [], "mean": []}
+        # Per pooling: (ids, shift) parts, ids (n,) or (N, k) with shift an int or (k,).
+        self.values: dict[str, list[tuple[torch.Tensor, Any]]] = {"sum": [], "mean": []}
         self.offsets: dict[str, list[torch.Tensor]] = {"sum": [], "mean": []}
         self.nnz = {"sum": 0, "mean": 0}
         self.bags = {"sum": 0, "mean": 0}
@@ -165,10 +167,9 @@ class _Plan:
                     shifts: list[int]) -> None:
         """Single ids of fields ``names``: ``ids[j]`` (N,) bucket ids of field j."""
         x = torch.stack(ids, dim=1)  # (N, k)
-        x = x + torch.tensor(shifts, dtype=x.dtype, device=x.device)
         n = x.numel()
         self.pieces.append((side, "sum", names, self.bags["sum"], x.shape[0], "nk"))
-        self.values["sum"].append(x.reshape(-1))
+        self.values["sum"].append((x, torch.tensor(shifts, dtype=x.dtype, device=x.device)))
         self.offsets["sum"].append(torch.arange(n, device=x.device) + self.nnz["sum"])
         self.nnz["sum"] += n
         self.bags["sum"] += n
@@ -180,18 +181,32 @@ class _Plan:
         n_rows = len(bags[0][1]) - 1
         self.pieces.append((side, pooling, names, self.bags[pooling], n_rows, "kn"))
         for (v, o), shift in zip(bags, shifts, strict=True):
-            self.values[pooling].append(v + shift)
+            self.values[pooling].append((v, shift))
             self.offsets[pooling].append(o[:-1] + self.nnz[pooling])
             self.nnz[pooling] += len(v)
             self.bags[pooling] += n_rows
 
     def tensors(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(nnz,) rows, sum bags then mean bags; (n_sum + 1,) and (n_mean + 1,) offsets."""
-        end = {p: torch.tensor([self.nnz[p]], device=device) for p in ("sum", "mean")}
-        values = torch.cat(self.values["sum"] + self.values["mean"]).to(device)
-        sum_offsets = torch.cat(self.offsets["sum"] + [end["sum"].to(values.device)])
-        mean_offsets = torch.cat(self.offsets["mean"] + [end["mean"].to(values.device)])
-        return values, sum_offsets.to(device), mean_offsets.to(device)
+        """(nnz,) rows, sum bags then mean bags; (n_sum + 1,) and (n_mean + 1,) offsets.
+
+        The rows are written once, each part shifted straight into its slice: a user's
+        behaviour bags are most of a batch's ids, and a shifted copy then a ``cat`` would pass
+        over them twice.
+        """
+        parts = self.values["sum"] + self.values["mean"]
+        first = parts[0][0] if parts else torch.zeros(0, dtype=torch.int64)
+        values = torch.empty(self.nnz["sum"] + self.nnz["mean"], dtype=torch.int64,
+                             device=first.device)
+        pos = 0
+        for ids, shift in parts:
+            n = ids.numel()
+            torch.add(ids, shift, out=values[pos:pos + n].view(ids.shape))
+            pos += n
+        offsets = []
+        for p in ("sum", "mean"):
+            end = torch.tensor([self.nnz[p]], device=values.device)
+            offsets.append(torch.cat([*self.offsets[p], end]).to(device))
+        return values.to(device), offsets[0], offsets[1]
 
     def blocks(self, side: str, pooled: torch.Tensor) -> list[tuple[list[str], torch.Tensor]]:
         """The pooled rows of ``side``'s fields: [(names, (N, k, D))]."""
