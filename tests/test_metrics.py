@@ -499,3 +499,13 @@ def test_format_table_from_compute_metrics():
     header = text.splitlines()[0]
     cols = [c.strip() for c in header.strip("|").split("|")][1:]
     assert cols == list(METRIC_ORDER)
+
+
+def test_grouped_auc_of_float32_scores_with_uint64_group_ids_above_int64():
+    rng = np.random.default_rng(7)
+    n = 2000
+    g = rng.integers(0, 40, n)
+    y = (rng.random(n) < 0.3).astype(int)
+    s = rng.random(n).astype(np.float32).astype(np.float64)
+    big = g.astype(np.uint64) + np.uint64(2**63 + 5)
+    assert grouped_auc(y, s, big) == pytest.approx(oracle_gauc(y, s, g), abs=TOL)

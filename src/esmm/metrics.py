@@ -170,7 +170,8 @@ def _packed_sort(y: np.ndarray, s: np.ndarray, g: np.ndarray | None = None
         lo, hi = int(g.min()), int(g.max())
         if hi - lo >= 1 << 30:
             return None
-        key |= (g.astype(np.int64) - lo).astype(np.uint64) << np.uint64(32)
+        # In g's own dtype: exact, as the range fits 30 bits (and uint64 ids may not fit int64).
+        key |= (g - g.dtype.type(lo)).astype(np.uint64) << np.uint64(32)
     key <<= np.uint64(1)
     key |= y.astype(np.uint64)
     key.sort()
