@@ -36,6 +36,9 @@ Columns:
         setup s: the rest of the time before the first batch is asked for (model, optimizers,
         writers; torch imports its compiler stack on the first optimizer built).
     batching share: the share of step time, after the warm-up, spent waiting for batches.
+    A second table splits a step of (b) into its phases (median ms after the warm-up):
+    making the batch (``iter_batches``, done before the clock starts), forward with the loss,
+    backward (sparse embedding gradients included), optimizer steps.
     peak RSS MiB: the child's VmHWM: data in memory, model, optimizer state, batches.
     a / b and a / c rows: ratios of (a) to (b) and to (c) (above 1: (a) is faster or, for
         memory, larger); for the shipped config the comparison with (c) is a'' / c, and
@@ -381,7 +384,9 @@ def measure_esmm(job: Job) -> dict[str, Any]:
 
 
 def measure_plain(job: Job) -> dict[str, Any]:
-    """forward / loss / backward / step over batches made in memory beforehand."""
+    """forward / loss / backward / step over batches made in memory beforehand, each phase
+    timed (``phases_ms``: the median over the steps after the warm-up, ms; ``batch`` is the
+    time ``iter_batches`` took to make one batch, outside the loop)."""
     import torch
 
     from esmm.data.batches import iter_batches
@@ -398,32 +403,54 @@ def measure_plain(job: Job) -> dict[str, Any]:
     data = load_split(cfg.data.train, spec, cfg.data)
     load_s = time.perf_counter() - t
     rows = data.n
-    batches = []
-    for b in iter_batches(data, tc.batch_size, shuffle=True, seed=tc.seed,
-                          block=tc.shuffle_block):
-        batches.append(b.to(job.device))
-        if job.steps and len(batches) >= job.steps:
+    batches, make_s = [], []
+    made = iter_batches(data, tc.batch_size, shuffle=True, seed=tc.seed, block=tc.shuffle_block)
+    while not job.steps or len(batches) < job.steps:
+        t = time.perf_counter()
+        b = next(made, None)
+        if b is None:
             break
-    del data
+        make_s.append(time.perf_counter() - t)
+        batches.append(b.to(job.device))
+    del data, made
     log.info("%d batches made in memory", len(batches))
     torch.manual_seed(tc.seed)
     model = build_model(cfg, spec).to(job.device)
     opts = build_optimizers(model, cfg)
     model.train()
+    stamps, phases = plain_loop(model, opts, batches, job.device)
+    warm = max(1, min(job.warmup, len(batches) - 1))
+    phases["batch"] = make_s
+    return {**summarize(stamps, [b.size for b in batches], job), "load_s": load_s,
+            "rows": rows, "peak_rss_mib": peak_rss_mib(),
+            "phases_ms": {k: 1000 * statistics.median(v[warm:] or v) for k, v in phases.items()},
+            "params": sum(p.numel() for p in model.parameters()), "device": job.device}
+
+
+def plain_loop(model: Any, opts: list[Any], batches: list[Any], device: str
+               ) -> tuple[list[float], dict[str, list[float]]]:
+    """Train on ``batches``: each step's end time, and per phase the seconds of each step."""
     stamps: list[float] = []
+    phases: dict[str, list[float]] = {"forward": [], "backward": [], "step": []}
     for b in batches:
+        t0 = time.perf_counter()
         out = model(b)
         loss = sum(model.losses(out, b).values())
+        sync(device)
+        t1 = time.perf_counter()
         for o in opts:
             o.zero_grad(set_to_none=True)
         loss.backward()
+        sync(device)
+        t2 = time.perf_counter()
         for o in opts:
             o.step()
-        sync(job.device)
+        sync(device)
         stamps.append(time.perf_counter())
-    return {**summarize(stamps, [b.size for b in batches], job), "load_s": load_s,
-            "rows": rows, "peak_rss_mib": peak_rss_mib(),
-            "params": sum(p.numel() for p in model.parameters()), "device": job.device}
+        phases["forward"].append(t1 - t0)
+        phases["backward"].append(t2 - t1)
+        phases["step"].append(stamps[-1] - t2)
+    return stamps, phases
 
 
 # ----------------------------------------------------------------------------- (c) torch-rechub
@@ -792,6 +819,20 @@ def grouping_rows(threads: int, details: dict[str, dict[str, Any]]) -> list[list
              ratio(a, g, "peak_rss_mib")]]
 
 
+PHASE_COLUMNS = ("size", "threads", "batch ms", "forward + loss ms", "backward ms",
+                 "optimizer step ms", "step ms (forward to step)")
+
+
+def phase_rows(size: str, threads: int, results: dict[str, dict[str, Any]]) -> list[list[str]]:
+    """Where a step of (b) goes, median ms per phase (batching is done before the loop)."""
+    ph = results.get("plain", {}).get("phases_ms")
+    if not ph:
+        return []
+    step = ph["forward"] + ph["backward"] + ph["step"]
+    return [[size, str(threads), f"{ph['batch']:.1f}", f"{ph['forward']:.1f}",
+             f"{ph['backward']:.1f}", f"{ph['step']:.1f}", f"{step:.1f}"]]
+
+
 EVAL_COLUMNS = ("size", "loader", "rows", "open s", "predict s", "AUC + GAUC s", "total s",
                 "rows/s", "peak RSS MiB", "metrics")
 
@@ -888,10 +929,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def measure_sizes(args: argparse.Namespace, work: Path, threads: int, labels: dict[str, str]
-                  ) -> tuple[list[list[str]], dict[str, dict[str, Any]]]:
-    """Every kind of every size at ``threads`` threads: the table rows and the results."""
+                  ) -> tuple[list[list[str]], list[list[str]], dict[str, dict[str, Any]]]:
+    """Every kind of every size at ``threads`` threads: the table rows, the phase rows and
+    the results."""
     skip_rechub = rechub_status()
     rows: list[list[str]] = []
+    phases: list[list[str]] = []
     details: dict[str, dict[str, Any]] = {}
     for size in args.size_list:
         data_dir = simulate(size, args.rows or default_rows(), work)
@@ -917,8 +960,9 @@ def measure_sizes(args: argparse.Namespace, work: Path, threads: int, labels: di
                       bag_lengths=lengths if on_cut else {})
             results[kind] = run_child(job)
         rows += table_rows(size, threads, results, labels)
+        phases += phase_rows(size, threads, results)
         details[size] = results
-    return rows + grouping_rows(threads, details), details
+    return rows + grouping_rows(threads, details), phases, details
 
 
 def measure_evaluation(args: argparse.Namespace, work: Path, details: dict[str, Any]
@@ -962,12 +1006,14 @@ def main(argv: list[str] | None = None) -> None:
     t_start = time.perf_counter()
     labels = {**LABELS, "rechub": rechub_label()}
     rows: list[list[str]] = []
+    phases: list[list[str]] = []
     details: dict[str, dict[str, Any]] = {}
     eval_table: list[list[str]] = []
     try:
         for threads in args.thread_list:
-            more, details = measure_sizes(args, work, threads, labels)
+            more, more_phases, details = measure_sizes(args, work, threads, labels)
             rows += more
+            phases += more_phases
         if args.eval_rows:
             eval_table = measure_evaluation(args, work, details)
     finally:
@@ -976,6 +1022,9 @@ def main(argv: list[str] | None = None) -> None:
     load_after = os.getloadavg()
 
     print(render(rows, args.markdown))
+    if phases:
+        print()
+        print(render(phases, args.markdown, PHASE_COLUMNS))
     if eval_table:
         print()
         print(render(eval_table, args.markdown, EVAL_COLUMNS))
