@@ -240,11 +240,12 @@ def _pool(weight: torch.Tensor, values: torch.Tensor, sum_offsets: torch.Tensor,
 
 
 def _row_gradient(grad: torch.Tensor, values: torch.Tensor, sum_offsets: torch.Tensor,
-                  mean_offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                  mean_offsets: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The gradient of :func:`_pool` with respect to ``weight``, on the rows it used.
 
     Args:
         grad: (n_sum + n_mean, D) gradient of the pooled rows.
+        n_rows: rows of the table (the bound of ``values``).
     Returns:
         rows (R,) sorted distinct rows of ``values`` and their summed gradients (R, D).
 
@@ -260,11 +261,13 @@ def _row_gradient(grad: torch.Tensor, values: torch.Tensor, sum_offsets: torch.T
         return values, grad.new_zeros(0, grad.shape[1])
     bag_of = torch.repeat_interleave(torch.arange(len(lengths), device=values.device),
                                      lengths, output_size=nnz)  # (nnz,) bag of each use
-    sorted_rows, perm = torch.sort(values, stable=True)
+    # 32-bit keys sort about twice as fast as 64-bit ones (fewer radix passes and bytes).
+    keys = values.to(torch.int32) if n_rows < 2**31 else values
+    sorted_rows, perm = torch.sort(keys, stable=True)
     first = torch.ones(nnz, dtype=torch.bool, device=values.device)
     torch.ne(sorted_rows[1:], sorted_rows[:-1], out=first[1:])
     starts = first.nonzero().squeeze(1)  # (R,) first use of each distinct row
-    rows = sorted_rows.index_select(0, starts)
+    rows = sorted_rows.index_select(0, starts).to(torch.int64)
     offsets = torch.cat([starts, starts.new_tensor([nnz])])
     src = bag_of.index_select(0, perm)  # (nnz,) bags in row order
     weights = None
@@ -297,7 +300,8 @@ class _PooledRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
         values, sum_offsets, mean_offsets = ctx.saved_tensors
-        rows, g = _row_gradient(grad.contiguous(), values, sum_offsets, mean_offsets)
+        rows, g = _row_gradient(grad.contiguous(), values, sum_offsets, mean_offsets,
+                                ctx.shape[0])
         if ctx.sparse:
             # The rows are sorted and distinct by construction: the invariant check would only
             # repeat that at O(R) per step.
