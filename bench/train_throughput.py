@@ -1,6 +1,6 @@
 """Training throughput and peak memory of esmm's ESMM, against a plain loop and torch-rechub.
 
-Three measurements per size, each in a child process of its own (so its peak resident memory,
+Up to five measurements per size, each in a child process of its own (so its peak resident memory,
 VmHWM from /proc/self/status, is its own), on the same simulated rows:
 
 (a) ``esmm.train.train`` as a user runs it: the config points at Parquet files written by the
@@ -13,6 +13,10 @@ VmHWM from /proc/self/status, is its own), on the same simulated rows:
     and batches, the batches pre-made in memory with ``esmm.data.batches.iter_batches`` before
     the clock starts; the loop is forward, loss, backward, step and nothing else: the ceiling
     of (a) for this model on this machine.
+(a'') for the shipped config: (a) on a copy of the training split whose bags are cut to
+    the lengths (c) pads to (each field's mean length per impression, rounded up), keeping a
+    bag's last ids as rechub's ``pad_sequences`` does: both then train on the same ids, and
+    (c) pads short bags without cutting any.
 (c) torch-rechub 0.9.0's ESMM and ``MTLTrainer.train_one_epoch`` over its ``DataGenerator``
     loader (``TorchDataset`` + ``DataLoader``, shuffled, no workers), on the same rows, fields,
     vocabulary sizes (ids hashed with esmm's own hash so the tables are identical), embedding
@@ -32,23 +36,36 @@ Columns:
         setup s: the rest of the time before the first batch is asked for (model, optimizers,
         writers; torch imports its compiler stack on the first optimizer built).
     batching share: the share of step time, after the warm-up, spent waiting for batches.
+    A second table splits a step of (b) into its phases (median ms after the warm-up):
+    making the batch (``iter_batches``, done before the clock starts), forward with the loss,
+    backward (sparse embedding gradients included), optimizer steps.
     peak RSS MiB: the child's VmHWM: data in memory, model, optimizer state, batches.
     a / b and a / c rows: ratios of (a) to (b) and to (c) (above 1: (a) is faster or, for
-        memory, larger).
+        memory, larger); for the shipped config the comparison with (c) is a'' / c, and
+        ``a / a(shipped-grouped)`` is the shipped config's speed over its speed with users
+        grouped, at the same thread count.
 
-Sizes:
+Sizes (every size at each of ``--threads``, default 1 and 2):
+    shipped: ``configs/esmm_sim.yaml`` as a user runs it (the paper's 360-200-80 towers,
+        embedding 18, rows shuffled, no batch norm) on the ``aliccp`` preset, one epoch
+        capped by ``--steps``; (c) keeps its towers' batch norm.
+    shipped-grouped: the same with ``train.shuffle_block: 64`` (users' impressions kept
+        together, the demo's setting).
+    shipped-base: the same config with ``model.name=base`` (two nets, two embedding sets).
     small: the simulator's ``dense`` preset, single-valued categorical fields only (vocabularies
         cut at 400k), embedding 16, towers 256-128-64 with batch norm, batch 4096, Adam; about
         10M parameters.
     aliccp: the simulator's ``aliccp`` preset (long user behaviour bags) with ``features:
         aliccp`` (every Ali-CCP field, vocabularies summing to about 2M rows) and the demo's
         model and training settings (``esmm.demo.demo_config``), one epoch.
-    Both sizes train on the demo's number of rows unless ``--rows`` is given.
-    torch-rechub's towers always carry batch norm, so (a) and (b) turn it on at both sizes.
+    Every size trains on the demo's number of rows unless ``--rows`` is given.
+    torch-rechub's towers always carry batch norm, so (a) and (b) turn it on at the small and
+    aliccp sizes (the shipped config runs as is, without).
 
-Evaluation (a second table, ``--eval-rows`` impressions, default 10M, of the first size's
-preset): the model of (a) scores a freshly simulated test split as ``esmm evaluate`` does, with
-``--loader stream`` and ``--loader memory``, each in its own child: seconds to open the split,
+Evaluation (a second table, ``--eval-rows`` impressions, default 10M, of ``--eval-size``'s
+preset, default ``small``, at the last thread count): the model of (a) scores a freshly
+simulated test split as ``esmm evaluate`` does, with ``--loader stream`` and ``--loader
+memory``, each in its own child: seconds to open the split,
 to predict every row, to compute every metric (exact AUC, GAUC, log loss, PCOC per task, from
 the sorted scores), rows/s over the whole, and peak RSS.
 
@@ -66,6 +83,8 @@ implementation on the same work. The machine's load average is printed under the
 shared machine run it twice before trusting a difference of a few percent.
 
     python bench/train_throughput.py --markdown
+    python bench/train_throughput.py --sizes shipped,shipped-grouped --rows 100000 --steps 25 \
+        --threads 1,2 --eval-rows 0
     python bench/train_throughput.py --sizes small --rows 200000 --steps 60 --eval-rows 0
     python bench/train_throughput.py --sizes aliccp --threads 4 --device cuda
 """
@@ -100,10 +119,18 @@ RECHUB = "torch_rechub"
 RECHUB_DIST = "torch-rechub"
 RECHUB_PINNED = "0.9.0"
 SMALL_MAX_VOCAB = 400_000
-SIZE_NAMES = ("small", "aliccp")
-KINDS = ("esmm", "stream", "plain", "rechub")
+SHIPPED_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "esmm_sim.yaml"
+SIZE_NAMES = ("small", "aliccp", "shipped", "shipped-grouped", "shipped-base")
+DEFAULT_SIZES = ("shipped", "shipped-grouped", "shipped-base", "small", "aliccp")
+KINDS = ("esmm", "stream", "plain", "cut", "rechub")
+# What each size measures: the shipped config's rechub comparison runs on bags cut alike.
+SIZE_KINDS = {"small": ("esmm", "stream", "plain", "rechub"),
+              "aliccp": ("esmm", "stream", "plain", "rechub"),
+              "shipped": ("esmm", "plain", "cut", "rechub"),
+              "shipped-grouped": ("esmm", "plain"), "shipped-base": ("esmm", "plain")}
 LABELS = {"esmm": "(a) esmm.train", "stream": "(a') esmm.train, data.loader=stream",
-          "plain": "(b) plain loop", "rechub": "(c) torch-rechub"}
+          "plain": "(b) plain loop", "cut": "(a'') esmm.train, bags cut as (c)'s",
+          "rechub": "(c) torch-rechub"}
 EVAL_LOADERS = ("stream", "memory")
 
 
@@ -126,6 +153,7 @@ class Job:
     seq_len: int  # rechub bag length; 0: the field's mean length per impression, rounded up
     loader: str = "memory"  # data.loader of (a) and of the evaluation runs
     eval_dir: str = ""  # evaluation runs: the split to evaluate
+    bag_lengths: dict[str, int] = dataclasses.field(default_factory=dict)  # rechub, per field
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -138,6 +166,13 @@ class Job:
 def sim_preset(size: str) -> str:
     """The simulator preset of a size."""
     return "dense" if size == "small" else "aliccp"
+
+
+def shipped_overrides(size: str) -> list[str]:
+    """``--set`` overrides of configs/esmm_sim.yaml for a shipped size: none for ``shipped``
+    (the config as is: rows shuffled, ESMM), users grouped in blocks of 64 rows, or BASE."""
+    return {"shipped": [], "shipped-grouped": ["train.shuffle_block=64"],
+            "shipped-base": ["model.name=base"]}[size]
 
 
 def default_rows() -> int:
@@ -173,6 +208,18 @@ def _config_tree(size: str, data_dir: Path, steps: int | None, threads: int) -> 
 
     train = {"epochs": 1, "max_steps": steps, "num_threads": threads, "progress": "off",
              "seed": 0}
+    if size.startswith("shipped"):
+        import yaml
+
+        from esmm.config import apply_overrides
+
+        tree = apply_overrides(yaml.safe_load(SHIPPED_CONFIG.read_text()),
+                               shipped_overrides(size))
+        tree["data"] = {**{k: v for k, v in tree["data"].items() if k not in ("eval", "test")},
+                        "train": str(data_dir / "train")}
+        tree["train"] = {**tree["train"], **train}
+        tree["train"].pop("early_stop", None)
+        return tree
     if size == "small":
         return {
             "data": {"train": str(data_dir / "train"), "user_column": "101"},
@@ -337,7 +384,9 @@ def measure_esmm(job: Job) -> dict[str, Any]:
 
 
 def measure_plain(job: Job) -> dict[str, Any]:
-    """forward / loss / backward / step over batches made in memory beforehand."""
+    """forward / loss / backward / step over batches made in memory beforehand, each phase
+    timed (``phases_ms``: the median over the steps after the warm-up, ms; ``batch`` is the
+    time ``iter_batches`` took to make one batch, outside the loop)."""
     import torch
 
     from esmm.data.batches import iter_batches
@@ -354,32 +403,54 @@ def measure_plain(job: Job) -> dict[str, Any]:
     data = load_split(cfg.data.train, spec, cfg.data)
     load_s = time.perf_counter() - t
     rows = data.n
-    batches = []
-    for b in iter_batches(data, tc.batch_size, shuffle=True, seed=tc.seed,
-                          block=tc.shuffle_block):
-        batches.append(b.to(job.device))
-        if job.steps and len(batches) >= job.steps:
+    batches, make_s = [], []
+    made = iter_batches(data, tc.batch_size, shuffle=True, seed=tc.seed, block=tc.shuffle_block)
+    while not job.steps or len(batches) < job.steps:
+        t = time.perf_counter()
+        b = next(made, None)
+        if b is None:
             break
-    del data
+        make_s.append(time.perf_counter() - t)
+        batches.append(b.to(job.device))
+    del data, made
     log.info("%d batches made in memory", len(batches))
     torch.manual_seed(tc.seed)
     model = build_model(cfg, spec).to(job.device)
     opts = build_optimizers(model, cfg)
     model.train()
+    stamps, phases = plain_loop(model, opts, batches, job.device)
+    warm = max(1, min(job.warmup, len(batches) - 1))
+    phases["batch"] = make_s
+    return {**summarize(stamps, [b.size for b in batches], job), "load_s": load_s,
+            "rows": rows, "peak_rss_mib": peak_rss_mib(),
+            "phases_ms": {k: 1000 * statistics.median(v[warm:] or v) for k, v in phases.items()},
+            "params": sum(p.numel() for p in model.parameters()), "device": job.device}
+
+
+def plain_loop(model: Any, opts: list[Any], batches: list[Any], device: str
+               ) -> tuple[list[float], dict[str, list[float]]]:
+    """Train on ``batches``: each step's end time, and per phase the seconds of each step."""
     stamps: list[float] = []
+    phases: dict[str, list[float]] = {"forward": [], "backward": [], "step": []}
     for b in batches:
+        t0 = time.perf_counter()
         out = model(b)
         loss = sum(model.losses(out, b).values())
+        sync(device)
+        t1 = time.perf_counter()
         for o in opts:
             o.zero_grad(set_to_none=True)
         loss.backward()
+        sync(device)
+        t2 = time.perf_counter()
         for o in opts:
             o.step()
-        sync(job.device)
+        sync(device)
         stamps.append(time.perf_counter())
-    return {**summarize(stamps, [b.size for b in batches], job), "load_s": load_s,
-            "rows": rows, "peak_rss_mib": peak_rss_mib(),
-            "params": sum(p.numel() for p in model.parameters()), "device": job.device}
+        phases["forward"].append(t1 - t0)
+        phases["backward"].append(t2 - t1)
+        phases["step"].append(stamps[-1] - t2)
+    return stamps, phases
 
 
 # ----------------------------------------------------------------------------- (c) torch-rechub
@@ -420,7 +491,8 @@ class TimedLoader:
             yield x, y
 
 
-def rechub_inputs(cfg: Any, seq_len: int) -> tuple[dict[str, Any], Any, dict[str, int]]:
+def rechub_inputs(cfg: Any, seq_len: int, bag_lengths: dict[str, int] | None = None
+                  ) -> tuple[dict[str, Any], Any, dict[str, int]]:
     """Rows of ``cfg.data.train`` as rechub inputs: {field: ids (N,) or padded (N, L)}, labels
     (N, 3) = (conversion, click, click * conversion), and the padded length of each bag field.
 
@@ -462,13 +534,71 @@ def rechub_inputs(cfg: Any, seq_len: int) -> tuple[dict[str, Any], Any, dict[str
         bags = np.split(hash_int_ids(flat, name, f.buckets) + 1, np.cumsum(sizes)[:-1])
         rows = df["_user_row"].to_numpy() if name in on_user else np.arange(len(df))
         per_impression = sizes[rows]
-        lengths[name] = seq_len or max(1, math.ceil(float(per_impression.mean())))
+        lengths[name] = ((bag_lengths or {}).get(name) or seq_len
+                         or mean_length(per_impression))
         padded = pad_sequences(bags, maxlen=lengths[name], value=0)
         x[name] = padded[rows]
     click = df[labels[0]].to_numpy().astype(np.float32)
     conv = df[labels[1]].to_numpy().astype(np.float32)
     y = np.stack([conv, click, click * conv], axis=1)
     return x, y, lengths
+
+
+def mean_length(per_impression: Any) -> int:
+    """A bag field's padded length by default: its mean length per impression, rounded up."""
+    return max(1, math.ceil(float(per_impression.mean())))
+
+
+def bag_lengths_of(train_dir: Path) -> dict[str, int]:
+    """:func:`mean_length` of every list column of a normalized split (impressions.parquet
+    joined to users.parquet by ``common_key``), as :func:`rechub_inputs` computes it."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    imp = pq.read_table(train_dir / "impressions.parquet")
+    users = pq.read_table(train_dir / "users.parquet")
+    row = pc.index_in(imp.column("common_key"), value_set=users.column("common_key"))
+    row = row.to_numpy(zero_copy_only=False)
+    out = {}
+    for table, rows in ((users, row), (imp, None)):
+        for name in table.column_names:
+            col = table.column(name)
+            if not str(col.type).startswith("list"):
+                continue
+            lens = pc.list_value_length(col).fill_null(0).to_numpy(zero_copy_only=False)
+            out[name] = mean_length(lens[rows] if rows is not None else lens)
+    return out
+
+
+def cut_bags(src: Path, dst: Path, lengths: dict[str, int]) -> None:
+    """Copy the normalized split ``src`` to ``dst`` with every bag of a field in ``lengths``
+    cut to its last ``lengths[field]`` ids: what torch-rechub's ``pad_sequences`` (truncating
+    ``pre``) keeps, so (a'') and (c) train on the same ids."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from esmm.fsio import atomic_path
+
+    dst.mkdir(parents=True, exist_ok=True)
+    for part in ("impressions.parquet", "users.parquet"):
+        table = pq.read_table(src / part)
+        for name in table.column_names:
+            if name not in lengths:
+                continue
+            col = table.column(name).combine_chunks()
+            offsets = col.offsets.to_numpy()
+            ends = offsets[1:]
+            starts = np.maximum(offsets[:-1], ends - lengths[name])
+            new_off = np.zeros(len(col) + 1, dtype=np.int64)
+            np.cumsum(ends - starts, out=new_off[1:])
+            taken = np.repeat(starts - new_off[:-1], ends - starts) + np.arange(new_off[-1])
+            cut = pa.ListArray.from_arrays(pa.array(new_off.astype(np.int32)),
+                                           col.values.take(pa.array(taken)),
+                                           mask=col.is_null())
+            table = table.set_column(table.column_names.index(name), name, cut)
+        with atomic_path(dst / part) as tmp:
+            pq.write_table(table, tmp)
 
 
 def measure_rechub(job: Job) -> dict[str, Any]:
@@ -485,7 +615,7 @@ def measure_rechub(job: Job) -> dict[str, Any]:
     cfg = load_config(job)
     tc, mc = cfg.train, cfg.model
     t_call = time.perf_counter()
-    x, y, lengths = rechub_inputs(cfg, job.seq_len)
+    x, y, lengths = rechub_inputs(cfg, job.seq_len, job.bag_lengths)
     loader = DataGenerator(x, y).generate_dataloader(
         x_val=x, y_val=y, x_test=x, y_test=y, batch_size=tc.batch_size)[0]
     load_s = time.perf_counter() - t_call
@@ -548,7 +678,7 @@ def measure_eval(job: Job) -> dict[str, Any]:
 
 
 MEASURES: dict[str, Callable[[Job], dict[str, Any]]] = {
-    "esmm": measure_esmm, "stream": measure_esmm, "plain": measure_plain,
+    "esmm": measure_esmm, "stream": measure_esmm, "cut": measure_esmm, "plain": measure_plain,
     "rechub": measure_rechub, "eval": measure_eval,
 }
 
@@ -581,14 +711,19 @@ def rechub_label() -> str:
     return f"(c) torch-rechub {version}{suffix}"
 
 
+def data_key(size: str) -> str:
+    """The folder of a size's data: the shipped sizes share theirs."""
+    return "shipped" if size.startswith("shipped") else size
+
+
 def simulate(size: str, rows: int, work: Path, split: str = "train") -> Path:
     """Write ``rows`` simulated impressions of the size's preset: the training split to
-    ``work/<size>/data`` (returned), another split to ``work/<size>/eval-data/<split>``
+    ``work/<data_key>/data`` (returned), another split to ``work/<data_key>/eval-data/<split>``
     (that folder returned)."""
     from esmm.data.simulate import get_preset, write_simulation
     from esmm.demo import SIM_SEED
 
-    data_dir = work / size / ("data" if split == "train" else "eval-data")
+    data_dir = work / data_key(size) / ("data" if split == "train" else "eval-data")
     meta = data_dir / "simulation.json"
     want = {"preset": sim_preset(size), "rows": {split: rows}, "seed": SIM_SEED}
     if meta.is_file():
@@ -636,36 +771,66 @@ def ratio(a: dict[str, Any], b: dict[str, Any], key: str) -> str:
     return "n/a"
 
 
-COLUMNS = ("size", "run", "device", "params", "rows", "steps", "load s", "setup s",
+COLUMNS = ("size", "threads", "run", "device", "params", "rows", "steps", "load s", "setup s",
            "end-to-end samples/s", "step samples/s median [min-max]", "batching share",
            "peak RSS MiB")
+# Ratio rows: (numerator kind, denominator kind, name).
+RATIOS = (("esmm", "plain", "a / b"), ("stream", "plain", "a' / b"),
+          ("esmm", "rechub", "a / c"), ("stream", "rechub", "a' / c"),
+          ("cut", "rechub", "a'' / c"))
 
 
-def table_rows(size: str, results: dict[str, dict[str, Any]], labels: dict[str, str]
-               ) -> list[list[str]]:
+def table_rows(size: str, threads: int, results: dict[str, dict[str, Any]],
+               labels: dict[str, str]) -> list[list[str]]:
     rows = []
-    for kind in KINDS:
+    for kind in SIZE_KINDS[size]:
         r = results[kind]
         if "error" in r or "skipped" in r:
             why = r.get("error") or r["skipped"]
-            rows.append([size, labels[kind], *[""] * 6, why, *[""] * 3])
+            rows.append([size, str(threads), labels[kind], *[""] * 6, why, *[""] * 3])
             continue
         e2e = fmt_rate(r, "end_to_end_rate") if kind != "plain" else "-"
         setup = f"{r['to_loop_s'] - r['load_s']:.1f}" if "to_loop_s" in r else "-"
         share = f"{r['batching_share']:.0%}" if "batching_share" in r else "-"
         rss = f"{r['peak_rss_mib']:,.0f}" if r.get("peak_rss_mib") else "n/a"
-        rows.append([size, labels[kind], r["device"], f"{r['params'] / 1e6:.1f}M",
-                     f"{r['rows']:,}", f"{r['steps']} ({r['windows']} windows)",
-                     f"{r['load_s']:.1f}", setup, e2e, fmt_step(r), share, rss])
-    for mine in ("esmm", "stream"):
-        a = results[mine]
-        name = "a" if mine == "esmm" else "a'"
-        for other in ("plain", "rechub"):
-            o = results[other]
-            e2e = ratio(a, o, "end_to_end_rate") if other == "rechub" else "-"
-            rows.append([size, f"{name} / {'b' if other == 'plain' else 'c'}", *[""] * 6, e2e,
-                         ratio(a, o, "step_rate"), "", ratio(a, o, "peak_rss_mib")])
+        rows.append([size, str(threads), labels[kind], r["device"],
+                     f"{r['params'] / 1e6:.1f}M", f"{r['rows']:,}",
+                     f"{r['steps']} ({r['windows']} windows)", f"{r['load_s']:.1f}", setup, e2e,
+                     fmt_step(r), share, rss])
+    for mine, other, name in RATIOS:
+        if mine not in results or other not in results:
+            continue
+        if mine == "esmm" and other == "rechub" and "cut" in results:
+            continue  # the rechub comparison of this size is the one on cut bags
+        a, o = results[mine], results[other]
+        e2e = ratio(a, o, "end_to_end_rate") if other == "rechub" else "-"
+        rows.append([size, str(threads), name, *[""] * 6, e2e, ratio(a, o, "step_rate"), "",
+                     ratio(a, o, "peak_rss_mib")])
     return rows
+
+
+def grouping_rows(threads: int, details: dict[str, dict[str, Any]]) -> list[list[str]]:
+    """(a) of the shipped config over (a) with users grouped, when both ran."""
+    a, g = details.get("shipped", {}).get("esmm"), details.get("shipped-grouped", {}).get("esmm")
+    if not a or not g:
+        return []
+    return [["shipped", str(threads), "a / a(shipped-grouped)", *[""] * 6,
+             ratio(a, g, "end_to_end_rate"), ratio(a, g, "step_rate"), "",
+             ratio(a, g, "peak_rss_mib")]]
+
+
+PHASE_COLUMNS = ("size", "threads", "batch ms", "forward + loss ms", "backward ms",
+                 "optimizer step ms", "step ms (forward to step)")
+
+
+def phase_rows(size: str, threads: int, results: dict[str, dict[str, Any]]) -> list[list[str]]:
+    """Where a step of (b) goes, median ms per phase (batching is done before the loop)."""
+    ph = results.get("plain", {}).get("phases_ms")
+    if not ph:
+        return []
+    step = ph["forward"] + ph["backward"] + ph["step"]
+    return [[size, str(threads), f"{ph['batch']:.1f}", f"{ph['forward']:.1f}",
+             f"{ph['backward']:.1f}", f"{ph['step']:.1f}", f"{step:.1f}"]]
 
 
 EVAL_COLUMNS = ("size", "loader", "rows", "open s", "predict s", "AUC + GAUC s", "total s",
@@ -720,19 +885,22 @@ def cpu_model() -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sizes", default=",".join(SIZE_NAMES),
+    ap.add_argument("--sizes", default=",".join(DEFAULT_SIZES),
                     help=f"comma-separated, of {', '.join(SIZE_NAMES)}")
     ap.add_argument("--rows", type=int, default=None,
                     help="simulated training impressions per size (default: the demo's)")
     ap.add_argument("--steps", type=int, default=None,
                     help="at most this many training steps per run (default: one epoch)")
-    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
-                    help="torch intra-op threads in every run (default: the CPUs available)")
+    ap.add_argument("--threads", default="1,2",
+                    help="comma-separated torch intra-op thread counts; every size is measured "
+                    "at each (the evaluation at the last)")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                     help="device of every run (esmm.train through train.device)")
     ap.add_argument("--eval-rows", type=int, default=10_000_000,
                     help="impressions of the evaluation measurement (0: skip it); it scores "
-                    "them with the first size's (a) model, streamed and in memory")
+                    "them with the --eval-size (a) model, streamed and in memory")
+    ap.add_argument("--eval-size", default="small", choices=SIZE_NAMES,
+                    help="the size whose model and preset the evaluation uses")
     ap.add_argument("--warmup", type=int, default=5, help="steps before timing starts")
     ap.add_argument("--window", type=int, default=10, help="steps per timed window")
     ap.add_argument("--seq-len", type=int, default=0,
@@ -747,11 +915,75 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     bad = [s for s in args.size_list if s not in SIZE_NAMES]
     if bad or not args.size_list:
         ap.error(f"--sizes: unknown {bad}; expected some of {', '.join(SIZE_NAMES)}")
-    for name in ("rows", "steps", "threads", "warmup", "window", "eval_rows"):
+    try:
+        args.thread_list = [int(t) for t in args.threads.split(",") if t.strip()]
+    except ValueError:
+        ap.error(f"--threads: expected comma-separated integers, got {args.threads!r}")
+    if not args.thread_list or min(args.thread_list) < 1:
+        ap.error(f"--threads: expected positive integers, got {args.threads!r}")
+    for name in ("rows", "steps", "warmup", "window", "eval_rows"):
         value = getattr(args, name)
         if value is not None and value < (0 if name in ("warmup", "eval_rows") else 1):
             ap.error(f"--{name} must be positive")
     return args
+
+
+def measure_sizes(args: argparse.Namespace, work: Path, threads: int, labels: dict[str, str]
+                  ) -> tuple[list[list[str]], list[list[str]], dict[str, dict[str, Any]]]:
+    """Every kind of every size at ``threads`` threads: the table rows, the phase rows and
+    the results."""
+    skip_rechub = rechub_status()
+    rows: list[list[str]] = []
+    phases: list[list[str]] = []
+    details: dict[str, dict[str, Any]] = {}
+    for size in args.size_list:
+        data_dir = simulate(size, args.rows or default_rows(), work)
+        results: dict[str, dict[str, Any]] = {}
+        cut_dir, lengths = data_dir, {}
+        if "cut" in SIZE_KINDS[size]:
+            lengths = bag_lengths_of(data_dir / "train")
+            cut_dir = work / data_key(size) / "data-cut"
+            if not (cut_dir / "train" / "users.parquet").is_file():
+                cut_bags(data_dir / "train", cut_dir / "train", lengths)
+        for kind in SIZE_KINDS[size]:
+            if kind == "rechub" and skip_rechub:
+                results[kind] = {"skipped": skip_rechub}
+                continue
+            run_dir = work / size / f"run-{kind}-{threads}"
+            shutil.rmtree(run_dir, ignore_errors=True)
+            run_dir.mkdir(parents=True)
+            on_cut = kind in ("cut", "rechub") and "cut" in SIZE_KINDS[size]
+            job = Job(kind=kind, size=size, data_dir=str(cut_dir if on_cut else data_dir),
+                      run_dir=str(run_dir), steps=args.steps, threads=threads,
+                      device=args.device, warmup=args.warmup, window=args.window,
+                      seq_len=args.seq_len, loader="stream" if kind == "stream" else "memory",
+                      bag_lengths=lengths if on_cut else {})
+            results[kind] = run_child(job)
+        rows += table_rows(size, threads, results, labels)
+        phases += phase_rows(size, threads, results)
+        details[size] = results
+    return rows + grouping_rows(threads, details), phases, details
+
+
+def measure_evaluation(args: argparse.Namespace, work: Path, details: dict[str, Any]
+                       ) -> list[list[str]]:
+    """The evaluation table: the (a) model of ``--eval-size`` at the last thread count."""
+    size, threads = args.eval_size, args.thread_list[-1]
+    if size not in details:
+        log.warning("no evaluation: --eval-size %s is not among --sizes", size)
+        return []
+    eval_dir = simulate(size, args.eval_rows, work, split="test")
+    results: dict[str, dict[str, Any]] = {}
+    for loader in EVAL_LOADERS:
+        job = Job(kind="eval", size=size, data_dir=str(work / data_key(size) / "data"),
+                  run_dir=str(work / size / f"run-esmm-{threads}"), steps=None,
+                  threads=threads, device=args.device, warmup=0, window=1, seq_len=0,
+                  loader=loader, eval_dir=str(eval_dir))
+        if "error" in details[size]["esmm"]:
+            results[loader] = {"error": "no model: (a) failed"}
+            continue
+        results[loader] = run_child(job)
+    return eval_rows(size, results)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -768,57 +1000,42 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit("--device cuda: torch.cuda.is_available() is False here")
     work = args.work or Path(tempfile.mkdtemp(prefix="esmm-train-bench-"))
     load_before = os.getloadavg()
-    crowded = crowding(load_before[0], args.threads)
+    crowded = crowding(load_before[0], max(args.thread_list))
     if crowded:
         log.warning("%s", crowded)
     t_start = time.perf_counter()
-    skip_rechub = rechub_status()
     labels = {**LABELS, "rechub": rechub_label()}
     rows: list[list[str]] = []
+    phases: list[list[str]] = []
     details: dict[str, dict[str, Any]] = {}
-    eval_results: dict[str, dict[str, Any]] = {}
     eval_table: list[list[str]] = []
     try:
-        for size in args.size_list:
-            data_dir = simulate(size, args.rows or default_rows(), work)
-            results: dict[str, dict[str, Any]] = {}
-            for kind in KINDS:
-                if kind == "rechub" and skip_rechub:
-                    results[kind] = {"skipped": skip_rechub}
-                    continue
-                run_dir = work / size / f"run-{kind}"
-                shutil.rmtree(run_dir, ignore_errors=True)
-                run_dir.mkdir(parents=True)
-                job = Job(kind=kind, size=size, data_dir=str(data_dir), run_dir=str(run_dir),
-                          steps=args.steps, threads=args.threads, device=args.device,
-                          warmup=args.warmup, window=args.window, seq_len=args.seq_len,
-                          loader="stream" if kind == "stream" else "memory")
-                results[kind] = run_child(job)
-            rows += table_rows(size, results, labels)
-            details[size] = results
+        for threads in args.thread_list:
+            more, more_phases, details = measure_sizes(args, work, threads, labels)
+            rows += more
+            phases += more_phases
         if args.eval_rows:
-            size = args.size_list[0]
-            eval_dir = simulate(size, args.eval_rows, work, split="test")
-            for loader in EVAL_LOADERS:
-                job = Job(kind="eval", size=size, data_dir=str(work / size / "data"),
-                          run_dir=str(work / size / "run-esmm"), steps=None,
-                          threads=args.threads, device=args.device, warmup=0, window=1,
-                          seq_len=0,
-                          loader=loader, eval_dir=str(eval_dir))
-                if "error" in details[size]["esmm"]:
-                    eval_results[loader] = {"error": "no model: (a) failed"}
-                    continue
-                eval_results[loader] = run_child(job)
-            eval_table = eval_rows(size, eval_results)
+            eval_table = measure_evaluation(args, work, details)
     finally:
         if args.work is None and not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     load_after = os.getloadavg()
 
     print(render(rows, args.markdown))
+    if phases:
+        print()
+        print(render(phases, args.markdown, PHASE_COLUMNS))
     if eval_table:
         print()
         print(render(eval_table, args.markdown, EVAL_COLUMNS))
+    print()
+    print("\n".join(run_notes(args, details, t_start, load_before, load_after, crowded)))
+
+
+def run_notes(args: argparse.Namespace, details: dict[str, dict[str, Any]], t_start: float,
+              load_before: tuple[float, ...], load_after: tuple[float, ...],
+              crowded: str | None) -> list[str]:
+    """The lines printed under the tables (machine, load, what each run did besides steps)."""
     notes = [
         f"{os.cpu_count()} CPUs ({cpu_model()}), torch threads: {args.threads}, "
         f"device: {args.device}; warm-up {args.warmup} steps, windows of {args.window} steps; "
@@ -835,9 +1052,10 @@ def main(argv: list[str] | None = None) -> None:
                          "last step (final checkpoints, metrics.json), outside both rates.")
         c = results.get("rechub", {})
         if c.get("seq_len"):
-            notes.append(f"{size}: torch-rechub bags padded/truncated to {c['seq_len']}.")
-    print()
-    print("\n".join(notes))
+            how = ("esmm (a'') and rechub both cut to the last" if "cut" in results
+                   else "torch-rechub bags padded/truncated to")
+            notes.append(f"{size}: {how} {c['seq_len']} ids per bag.")
+    return notes
 
 
 if __name__ == "__main__":

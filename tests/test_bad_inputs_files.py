@@ -287,4 +287,4 @@ def test_artifact_metadata_without_feature_spec_is_named(artifacts, tmp_path):
     path = tmp_path / "nospec.onnx"
     onnx.save_model(proto, str(path))
     res = runner.invoke(app, ["serve", str(path), "--port", "0"])
-    one_error(res, 1, str(path), "no 'feature_spec'")
+    one_error(res, 1, str(path), "feature_spec: missing")

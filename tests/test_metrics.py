@@ -154,6 +154,46 @@ def test_auc_property_matches_sklearn(rows):
         assert auc(y, s, w) == pytest.approx(roc_auc_score(y, s, sample_weight=w), abs=TOL)
 
 
+def _float32_scores(rng, n: int, y: np.ndarray) -> np.ndarray:
+    """float32 values widened to float64, as esmm's predictions are: ties (values rounded
+    to a coarse grid), negatives, both zeros and infinities included."""
+    s = np.round(rng.normal(size=n) + 0.7 * y, 1).astype(np.float32)
+    s[rng.random(n) < 0.05] = -0.0
+    s[rng.random(n) < 0.05] = 0.0
+    s[rng.random(n) < 0.01] = np.inf
+    s[rng.random(n) < 0.01] = -np.inf
+    return s.astype(np.float64)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_auc_of_float32_scores_matches_sklearn(seed):
+    # float32-valued scores take the packed-key sort; float64 ones the argsort.
+    rng = np.random.default_rng(300 + seed)
+    n = int(rng.integers(50, 4000))
+    y = rng.integers(0, 2, n)
+    s = _float32_scores(rng, n, y)
+    finite = np.where(np.isinf(s), np.sign(s) * 1e30, s)  # sklearn rejects infinities
+    assert auc(y, s) == pytest.approx(roc_auc_score(y, finite), abs=TOL)
+    # The same ranking as float64 values that are not float32's (the other path) agrees.
+    assert auc(y, s) == pytest.approx(auc(y, np.where(np.isinf(s), s, s * (1 + 1e-12))),
+                                      abs=TOL)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_grouped_auc_of_float32_scores_matches_loop_oracle(seed):
+    rng = np.random.default_rng(400 + seed)
+    n = 3000
+    g = rng.integers(-60, 90, n)  # negative ids too
+    y = (rng.random(n) < 0.2 + 0.4 * (g % 4 == 0)).astype(int)
+    s = _float32_scores(rng, n, y)
+    finite = np.where(np.isinf(s), np.sign(s) * 1e30, s)
+    expect = oracle_gauc(y, finite, g)
+    assert grouped_auc(y, s, g) == pytest.approx(expect, abs=TOL)
+    # Group ids spread over more than 2**30 values cannot be packed: the lexsort path.
+    wide = g.astype(np.int64) * (1 << 26)
+    assert grouped_auc(y, s, wide) == pytest.approx(expect, abs=TOL)
+
+
 # ------------------------------------------------------------------------------------ gauc
 
 
@@ -603,3 +643,13 @@ def test_evaluate_reports_the_diagnostics_whenever_ground_truth_is_present(
     pq.write_table(t.drop_columns(["p_click", "p_conversion", "conversion_if_clicked"]), bare)
     plain = evaluate(model, open_split(bare, spec, cfg.data, loader="memory"))
     assert "cvr_ctr_spearman" not in plain and "cvr_auc" in plain
+
+
+def test_grouped_auc_of_float32_scores_with_uint64_group_ids_above_int64():
+    rng = np.random.default_rng(7)
+    n = 2000
+    g = rng.integers(0, 40, n)
+    y = (rng.random(n) < 0.3).astype(int)
+    s = rng.random(n).astype(np.float32).astype(np.float64)
+    big = g.astype(np.uint64) + np.uint64(2**63 + 5)
+    assert grouped_auc(y, s, big) == pytest.approx(oracle_gauc(y, s, g), abs=TOL)

@@ -70,3 +70,27 @@ def test_dense_gradient_is_refused():
     w.grad = torch.ones(3, 2)
     with pytest.raises(RuntimeError, match="sparse gradients"):
         RowSparseAdam([w]).step()
+
+
+def test_gradient_of_distinct_sorted_rows_updates_as_torch_sparse_adam():
+    # Such a gradient (the embedding collection's) is taken as it is, with no unique(); an
+    # uncoalesced one with the same rows in another order must give the same step.
+    torch.manual_seed(4)
+    a = torch.nn.Parameter(torch.randn(50, 3))
+    b = torch.nn.Parameter(a.detach().clone())
+    c = torch.nn.Parameter(a.detach().clone())
+    oa = torch.optim.SparseAdam([a], lr=0.1)
+    ob, oc = RowSparseAdam([b], lr=0.1), RowSparseAdam([c], lr=0.1)
+    rows = torch.tensor([1, 4, 9, 30])
+    for _ in range(3):
+        vals = torch.randn(4, 3)
+        perm = torch.tensor([2, 0, 3, 1])
+        a.grad = torch.sparse_coo_tensor(rows[None], vals, (50, 3), check_invariants=False)
+        b.grad = torch.sparse_coo_tensor(rows[None], vals, (50, 3), check_invariants=False)
+        c.grad = torch.sparse_coo_tensor(rows[perm][None], vals[perm], (50, 3),
+                                         check_invariants=False)
+        assert not b.grad.is_coalesced()
+        for o in (oa, ob, oc):
+            o.step()
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(c, a, rtol=1e-5, atol=1e-6)

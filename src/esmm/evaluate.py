@@ -33,7 +33,7 @@ def _device(model: MultiTaskModel) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def predict_arrays(model: MultiTaskModel, data: EncodedData, batch_size: int = 8192
                    ) -> dict[str, np.ndarray]:
     """Predictions for every row of ``data`` in row order.
@@ -90,7 +90,7 @@ def predict_split(model: MultiTaskModel, split: Split, batch_size: int = 8192
     model.eval()
     device = _device(model)
     try:
-        with torch.no_grad():
+        with torch.inference_mode():
             for batch in read_ahead(split.batches(batch_size, extras=True), READ_AHEAD):
                 probs = model.predict(model(batch.to(device)))
                 end = pos + batch.size

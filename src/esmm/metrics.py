@@ -140,6 +140,56 @@ def _group_codes(values: object, name: str) -> np.ndarray:
     return codes.reshape(-1)
 
 
+def _float32_order(s: np.ndarray) -> np.ndarray | None:
+    """(N,) uint64 keys that sort as the scores ``s`` do, equal keys for equal scores, each
+    below 2**32; None unless every score is a float32 value (model outputs are: esmm scores in
+    float32 and widens them to float64)."""
+    s32 = s.astype(np.float32)
+    s32 += np.float32(0.0)  # -0.0 -> +0.0: the two compare equal, their bits do not
+    if not np.array_equal(s32, s):
+        return None
+    bits = s32.view(np.uint32)
+    # IEEE order as unsigned order: flip every bit of negatives, set the sign bit of others.
+    neg = bits >= np.uint32(0x80000000)
+    key = np.where(neg, ~bits, bits | np.uint32(0x80000000)).astype(np.uint64)
+    return key
+
+
+def _packed_sort(y: np.ndarray, s: np.ndarray, g: np.ndarray | None = None
+                 ) -> tuple[np.ndarray, ...] | None:
+    """Rows sorted by (group, score) through one sort of packed integer keys, or None when
+    they do not fit 64 bits.
+
+    A row's key is ``group << 33 | score_order << 1 | label`` (group 0 when ``g`` is None):
+    sorting these (N,) uint64 values, with no permutation to carry, is several times faster
+    than ``argsort`` / ``lexsort`` of the columns, and each column is read back from the sorted
+    keys. Equal (group, score) rows stay adjacent, as the tie blocks of the AUC need; their
+    order by label does not change any sum taken over a block.
+
+    Returns:
+        (scores as order keys, labels, group codes (when ``g`` is given)), each (N,) sorted.
+    """
+    key = _float32_order(s)
+    if key is None:
+        return None
+    if g is not None:
+        if g.dtype.kind not in "iu" or len(g) == 0:
+            return None
+        lo, hi = int(g.min()), int(g.max())
+        if hi - lo >= 1 << 30:
+            return None
+        # In g's own dtype: exact, as the range fits 30 bits (and uint64 ids may not fit int64).
+        key |= (g - g.dtype.type(lo)).astype(np.uint64) << np.uint64(32)
+    key <<= np.uint64(1)
+    key |= y.astype(np.uint64)
+    key.sort()
+    y_sorted = (key & np.uint64(1)).astype(y.dtype)
+    key >>= np.uint64(1)
+    if g is None:
+        return key, y_sorted
+    return key & np.uint64(0xFFFFFFFF), y_sorted, key >> np.uint64(32)
+
+
 # --------------------------------------------------------------------------------------------
 # metrics
 # --------------------------------------------------------------------------------------------
@@ -173,9 +223,16 @@ def auc(labels: object, scores: object, weights: object | None = None) -> float:
     if n == 0:
         return math.nan
 
-    order = np.argsort(s)
-    s_sorted = s[order]
-    y_sorted = y[order]
+    if w is None:
+        packed = _packed_sort(y, s)
+        if packed is not None:
+            s_sorted, y_sorted = packed
+        else:
+            order = np.argsort(s)
+            s_sorted, y_sorted = s[order], y[order]
+    else:
+        order = np.argsort(s)
+        s_sorted, y_sorted = s[order], y[order]
     new_block = np.empty(n, dtype=bool)
     new_block[0] = True
     np.not_equal(s_sorted[1:], s_sorted[:-1], out=new_block[1:])
@@ -232,10 +289,14 @@ def grouped_auc(labels: object, scores: object, groups: object) -> float:
     if n == 0:
         return math.nan
 
-    order = np.lexsort((s, g))  # last key is primary: sort by group, then by score
-    g_sorted = g[order]
-    s_sorted = s[order]
-    y_sorted = y[order]
+    packed = _packed_sort(y, s, g)
+    if packed is not None:
+        s_sorted, y_sorted, g_sorted = packed
+    else:
+        order = np.lexsort((s, g))  # last key is primary: sort by group, then by score
+        g_sorted = g[order]
+        s_sorted = s[order]
+        y_sorted = y[order]
 
     new_group = np.empty(n, dtype=bool)
     new_group[0] = True

@@ -50,9 +50,7 @@ class RowSparseAdam(torch.optim.SparseAdam):
                 state["step"] += 1
                 t = state["step"]
                 # A sparse gradient of a (rows, D) table: (1, nnz) row ids, (nnz, D) values.
-                idx, val = grad._indices()[0], grad._values()
-                rows, inv = torch.unique(idx, return_inverse=True)  # (R,), (nnz,)
-                g = val.new_zeros(len(rows), val.shape[1]).index_add_(0, inv, val)  # (R, D)
+                rows, g = _rows_and_sums(grad)  # (R,), (R, D)
                 m = state["exp_avg"].index_select(0, rows).lerp_(g, 1 - beta1)
                 v = state["exp_avg_sq"].index_select(0, rows).mul_(beta2)
                 v.addcmul_(g, g, value=1 - beta2)
@@ -61,3 +59,19 @@ class RowSparseAdam(torch.optim.SparseAdam):
                 step_size = lr * math.sqrt(1 - beta2 ** t) / (1 - beta1 ** t)
                 p.index_add_(0, rows, m.div_(v.sqrt_().add_(eps)), alpha=-step_size)
         return loss
+
+
+def _rows_and_sums(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distinct rows (R,) of a sparse (rows, D) gradient and each row's summed values
+    (R, D).
+
+    A gradient whose row ids are strictly increasing (as the embedding collection's backward
+    gives; autograd drops the coalesced flag when it stores a gradient, so the ids are
+    checked, one O(nnz) comparison) already is that; otherwise duplicate ids are summed once
+    (``unique`` + ``index_add``).
+    """
+    idx, val = grad._indices()[0], grad._values()
+    if grad.is_coalesced() or bool((idx[1:] > idx[:-1]).all()):
+        return idx, val
+    rows, inv = torch.unique(idx, return_inverse=True)  # (R,), (nnz,)
+    return rows, val.new_zeros(len(rows), val.shape[1]).index_add_(0, inv, val)
