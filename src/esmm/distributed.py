@@ -95,11 +95,12 @@ class DistContext:
             if device.index is not None and world > 1:
                 raise ConfigError(f"train.device={device}: under torchrun each rank trains on "
                                   "its LOCAL_RANK's GPU; set train.device=cuda")
-            if local >= torch.cuda.device_count():
+            if device.index is None and local >= torch.cuda.device_count():
                 raise ConfigError(f"LOCAL_RANK={local} but this machine has "
                                   f"{torch.cuda.device_count()} CUDA device(s); start at most "
                                   "that many processes per node")
-            device = torch.device("cuda", local)
+            # One process may keep the GPU it names; ranks of a machine take one GPU each.
+            device = device if device.index is not None else torch.device("cuda", local)
             torch.cuda.set_device(device)
             backend = "nccl"
         elif device.type == "cpu":

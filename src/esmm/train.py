@@ -405,10 +405,11 @@ class Trainer:
                             "with that version, or start a new run from its weights") from None
         rng = state.get("torch_rng_ranks") or [checkpoint_entry(state, "torch_rng", source)]
         torch.set_rng_state(rng[self.ctx.rank])
+        cuda_rng = state.get("cuda_rng_ranks") or [state.get("cuda_rng")]
+        if self.device.type == "cuda" and cuda_rng[self.ctx.rank] is not None:
+            torch.cuda.set_rng_state(cuda_rng[self.ctx.rank], self.device)
         if self.scaler is not None and state.get("grad_scaler"):
             self.scaler.load_state_dict(state["grad_scaler"])
-        if self.device.type == "cuda" and state.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
         self.progress = Progress(
             step=state["step"], samples=state.get("samples", 0), epoch=state["epoch"],
             batch_in_epoch=state["batch_in_epoch"], best_metric=state["best_metric"],
@@ -420,12 +421,16 @@ class Trainer:
     def save(self, name: str, resumable: bool = True) -> None:
         """Write a checkpoint (rank 0). With several ranks, a resumable one is a collective
         (every rank's RNG state is gathered into it): all ranks call it together."""
-        rngs = self.ctx.gather(torch.get_rng_state()) if resumable and self.ctx.active else None
+        rngs = None
+        if resumable and self.ctx.active:
+            cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+            rngs = self.ctx.gather((torch.get_rng_state(), cuda))
         if not self.ctx.is_main:
             return
         state = self.state_dict(resumable)
         if rngs is not None:
-            state["torch_rng_ranks"] = rngs
+            state["torch_rng_ranks"] = [r[0] for r in rngs]
+            state["cuda_rng_ranks"] = [r[1] for r in rngs]
         if resumable and self.scaler is not None:
             state["grad_scaler"] = self.scaler.state_dict()
         save_checkpoint(state, self.ck_dir / name)
