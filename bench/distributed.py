@@ -27,8 +27,19 @@ Columns:
 On a shared machine the rates move with the other processes' load (the load average is
 printed under the table): report them as measured.
 
+Planning model (``--plan``, from the measured ``2 procs x 1 thread, sparse`` row saved in
+``WORK/distributed.json``): throughput at 8, 64 and 256 workers, each at the measured per-rank
+batch, for tables replicated on every worker (dense ring all-reduce + all-gather of touched
+rows: each worker receives every other worker's rows) and sharded (the same dense all-reduce,
+then an all-to-all of ids and rows to and from the rows' owners, forward and backward: about
+twice the touched rows per worker, whatever the number of workers), with no overlap of
+exchange and compute, over an assumed network (``--gbps``, ``--latency-us``), and the memory
+of the tables with Adam's two moments (x3) per worker, replicated or sharded. A model, not a
+measurement.
+
     python bench/distributed.py --rows 200000 --steps 30
     python bench/distributed.py --markdown
+    python bench/distributed.py --plan --gbps 25 --markdown
 """
 
 from __future__ import annotations
@@ -104,6 +115,9 @@ def worker(args: argparse.Namespace) -> None:
             "samples_s": args.batch * args.steps / elapsed,
             "exchange_ms": 1000 * exchange["s"] / args.steps,
             "bytes_step": ctx.bytes_sent / args.steps, "rss": rss, "params": params,
+            "dense_bytes": 4 * (sum(p.numel() for p in trainer.sync.dense)
+                                + len(trainer.sync.dense)) if ctx.active else 0,
+            "table_rows": sum(p.shape[0] for p in trainer.sync.sparse),
             "step_ms": 1000 * elapsed / args.steps}), flush=True)
     ctx.close()
 
@@ -144,9 +158,41 @@ def run_case(args: argparse.Namespace, procs: int, threads: int, strategy: str
     return json.loads(got[-1])
 
 
-def render(rows: list[list[str]], markdown: bool) -> str:
-    head = ["processes x threads", "embeddings", "samples/s", "step ms", "exchange ms/step",
-            "bytes/step/rank", "peak RSS MiB per rank"]
+def plan(args: argparse.Namespace) -> None:
+    """Print the planning model (see the module docstring) from the saved measurements."""
+    saved = json.loads((args.work / "distributed.json").read_text())
+    m = saved["2 procs x 1 thread/sparse"]
+    per_rank = saved["batch"] / 2
+    compute_s = (m["step_ms"] - m["exchange_ms"]) / 1000
+    dense, sparse = m["dense_bytes"], m["bytes_step"] - m["dense_bytes"]
+    bw, lat = args.gbps * 1e9 / 8, args.latency_us * 1e-6
+    models = {"Ali-CCP-sized (1.93M rows x 16)": 1_930_170 * 16,
+              "1B-row table (x 16)": 1_000_000_000 * 16,
+              "measured model": m["table_rows"] * 16}
+    rows = []
+    for n in (8, 64, 256):
+        ring = 2 * (n - 1) / n * dense / bw + 2 * (n - 1) * lat
+        replicated = compute_s + ring + (n - 1) * sparse / bw + (n - 1) * lat
+        sharded = compute_s + ring + 2 * 2 * (n - 1) / n * sparse / bw + 2 * (n - 1) * lat
+        mem = [f"{name}: {3 * 4 * v / 2**30:,.1f} / {3 * 4 * v / n / 2**30:,.2f} GiB"
+               for name, v in models.items() if name != "measured model"]
+        rows.append([str(n), f"{n * per_rank / replicated:,.0f}", f"{n * per_rank / sharded:,.0f}",
+                     f"{(n - 1) * sparse / 2**20:,.1f}", f"{4 * (n - 1) / n * sparse / 2**20:,.1f}",
+                     "; ".join(mem)])
+    head = ["workers", "samples/s replicated", "samples/s sharded",
+            "MiB in/step/worker, replicated rows", "MiB in/step/worker, sharded rows",
+            "tables + Adam per worker, replicated / sharded"]
+    print(render(rows, args.markdown, head))
+    print(f"\nPLANNING MODEL, not a measurement: per worker {per_rank:.0f} rows/step, compute "
+          f"{1000 * compute_s:.0f} ms/step, dense gradients {dense / 2**20:.2f} MiB, touched "
+          f"embedding rows {sparse / 2**20:.2f} MiB per step (measured, {saved['when']}); "
+          f"network {args.gbps:g} Gb/s, {args.latency_us:g} us per message (assumed); no "
+          "overlap of exchange and compute.")
+
+
+def render(rows: list[list[str]], markdown: bool, head: list[str] | None = None) -> str:
+    head = head or ["processes x threads", "embeddings", "samples/s", "step ms",
+                    "exchange ms/step", "bytes/step/rank", "peak RSS MiB per rank"]
     if markdown:
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -168,6 +214,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--work", type=Path, default=Path("bench-work"))
     ap.add_argument("--markdown", action="store_true")
+    ap.add_argument("--plan", action="store_true", help="print the planning model from the "
+                    "measurements saved in WORK/distributed.json")
+    ap.add_argument("--gbps", type=float, default=25.0, help="--plan: network Gb/s (assumed)")
+    ap.add_argument("--latency-us", type=float, default=20.0,
+                    help="--plan: seconds per message, in microseconds (assumed)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
@@ -180,15 +231,23 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker:
         worker(args)
         return
+    if args.plan:
+        plan(args)
+        return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     from train_throughput import simulate
+
+    from esmm.fsio import write_text
 
     args.work.mkdir(parents=True, exist_ok=True)
     args.data_dir = simulate("small", args.rows, args.work)
     rows = []
+    saved: dict[str, Any] = {"batch": args.batch, "rows": args.rows, "steps": args.steps,
+                             "when": time.strftime("%Y-%m-%d", time.gmtime())}
     for label, procs, threads, strategy in CASES:
         log.info("%s, %s embeddings", label, strategy)
         r = run_case(args, procs, threads, strategy)
+        saved[f"{label}/{strategy}"] = r
         if "error" in r:
             rows.append([label, strategy, r["error"], "", "", "", ""])
             continue
@@ -196,6 +255,7 @@ def main(argv: list[str] | None = None) -> None:
                      f"{r['exchange_ms']:.1f}", fmt_bytes(r["bytes_step"]),
                      " / ".join(f"{x:.0f}" for x in r["rss"])])
         log.info("%s", r)
+    write_text(args.work / "distributed.json", json.dumps(saved, indent=1))
     print(render(rows, args.markdown))
     print(f"\nglobal batch {args.batch}, {args.steps} timed steps after {args.warmup}; "
           f"{args.rows} simulated rows; load average {os.getloadavg()[0]:.2f} on "
