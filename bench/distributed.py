@@ -188,6 +188,11 @@ def plan(args: argparse.Namespace) -> None:
           f"embedding rows {sparse / 2**20:.2f} MiB per step (measured, {saved['when']}); "
           f"network {args.gbps:g} Gb/s, {args.latency_us:g} us per message (assumed); no "
           "overlap of exchange and compute.")
+    cross = 1 + compute_s / (sparse / bw + lat)
+    print(f"Replicated tables: receiving the other workers' touched rows takes as long as the "
+          f"compute from about {cross:,.0f} workers on; a table with Adam (x3 float32) fits a "
+          f"worker of {args.memory_gib:g} GiB up to {args.memory_gib * 2**30 / 12 / 16:,.0f} "
+          "rows x 16.")
 
 
 def render(rows: list[list[str]], markdown: bool, head: list[str] | None = None) -> str:
@@ -217,6 +222,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--plan", action="store_true", help="print the planning model from the "
                     "measurements saved in WORK/distributed.json")
     ap.add_argument("--gbps", type=float, default=25.0, help="--plan: network Gb/s (assumed)")
+    ap.add_argument("--memory-gib", type=float, default=80.0,
+                    help="--plan: memory of one worker for tables and Adam state (assumed)")
     ap.add_argument("--latency-us", type=float, default=20.0,
                     help="--plan: seconds per message, in microseconds (assumed)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
