@@ -345,6 +345,42 @@ def test_an_unknown_precision_is_a_config_error(flat_data, cfg_factory):
         cfg_factory(flat_data["train"], precision="fp8")
 
 
+# ----------------------------------------------------------------------------- --nproc
+
+
+def test_nproc_checks_the_config_before_starting_processes(flat_data, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from esmm.cli import app
+
+    tree = _tree(tmp_path / "missing.parquet", flat_data["valid"])
+    cfg_path = _write_cfg(tree, tmp_path / "cfg.yaml")
+    launched = []
+    monkeypatch.setattr("subprocess.call", lambda cmd: launched.append(cmd) or 0)
+    runner = CliRunner()
+    res = runner.invoke(app, ["train", str(cfg_path), "--out", str(tmp_path / "run"),
+                              "--nproc", "2"])
+    assert res.exit_code == 2 and "data.train" in res.output and "does not exist" in res.output
+    assert not launched
+    # a good config launches torchrun with the same arguments
+    tree["data"]["train"] = str(flat_data["train"])
+    _write_cfg(tree, cfg_path)
+    res = runner.invoke(app, ["train", str(cfg_path), "--out", str(tmp_path / "run"),
+                              "--nproc", "3", "--set", "train.max_steps=4", "--resume"])
+    assert res.exit_code == 0, res.output
+    (cmd,) = launched
+    assert cmd[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=3"]
+    assert cmd[5:] == ["-m", "esmm", "train", str(cfg_path), "--out", str(tmp_path / "run"),
+                       "--set", "train.max_steps=4", "--resume"]
+    # inside a rank, --nproc is a mistake
+    for k, v in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "x",
+                 "MASTER_PORT": "1"}.items():
+        monkeypatch.setenv(k, v)
+    res = runner.invoke(app, ["train", str(cfg_path), "--out", str(tmp_path / "run"),
+                              "--nproc", "2"])
+    assert res.exit_code == 2 and "already a torchrun rank" in res.output
+
+
 # ----------------------------------------------------------------------------- CUDA
 
 
