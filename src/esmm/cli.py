@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -128,6 +129,10 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its "
                                 "latest checkpoint (same config); the result equals an "
                                 "uninterrupted run."),
+    nproc: int = typer.Option(None, "--nproc", min=1, help="Train data-parallel in this many "
+                              "processes on this machine (launches torchrun; gloo on CPU, NCCL "
+                              "on GPUs). train.batch_size is the global batch. Several machines: "
+                              "see docs/scaling.md."),
 ) -> None:
     """Train a model; evaluates on data.eval, early-stops and keeps the best checkpoint."""
     from esmm.config import load_config
@@ -135,11 +140,44 @@ def train(
     from esmm.train import train as run_train
 
     cfg = load_config(config, overrides)
+    if nproc is not None:
+        _launch_ranks(cfg, nproc, [str(config), "--out", str(out),
+                                   *[a for o in overrides for a in ("--set", o)],
+                                   *(["--resume"] if resume else [])])
+        return
+    rank = int(os.environ.get("RANK", "0"))
+    if rank:
+        # Under torchrun rank 0 reports; the others speak only of problems.
+        logging.getLogger("esmm").setLevel(logging.WARNING)
     res = run_train(cfg, out, resume=resume)
+    if rank:
+        return
     if res.metrics:
         typer.echo(format_table({cfg.model.name: res.metrics}))
     typer.echo(f"run directory: {res.run_dir} (best {res.monitor}={res.best_metric} at step "
                f"{res.best_step})")
+
+
+def _launch_ranks(cfg: Config, nproc: int, train_args: list[str]) -> None:
+    """Run ``esmm train TRAIN_ARGS`` as ``nproc`` torchrun ranks; exit with their status.
+
+    The config and data paths are checked here first, so a mistake is one line with exit
+    code 2, not one report per rank.
+    """
+    import subprocess
+
+    from esmm.config import check_data_paths, resolve_monitor
+    from esmm.distributed import launched_by_torchrun, torchrun_command
+
+    if launched_by_torchrun():
+        raise UsageError("--nproc: this process is already a torchrun rank; drop --nproc")
+    resolve_monitor(cfg)
+    check_data_paths(cfg, ["train", "eval"])
+    cmd = torchrun_command(nproc, ["train", *train_args])
+    log.info("launching %d processes: %s", nproc, " ".join(cmd))
+    code = subprocess.call(cmd)
+    if code:
+        raise typer.Exit(code)
 
 
 @app.command()

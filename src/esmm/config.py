@@ -513,6 +513,9 @@ class TrainConfig(_Strict):
     checkpoint_interval_s: float = Field(default=60.0, ge=0.0)
     # cpu, cuda, cuda:N, or auto (cuda when torch sees a GPU, else cpu).
     device: str = Field(default="cpu", pattern=r"^(cpu|auto|cuda(:\d+)?)$")
+    # Autocast dtype of the forward pass; losses and weights stay float32. fp16 adds gradient
+    # scaling and needs a CUDA device.
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
 
     @field_validator("progress", mode="before")
     @classmethod
@@ -521,6 +524,15 @@ class TrainConfig(_Strict):
         if isinstance(v, bool):
             return "on" if v else "off"
         return v
+
+    @model_serializer(mode="wrap")
+    def _omit_fp32(self, handler: Any) -> dict[str, Any]:
+        # The default is left out, so runs started before `precision` existed resume with an
+        # unchanged config.
+        out = handler(self)
+        if out.get("precision") == "fp32":
+            del out["precision"]
+        return out
 
 
 class Config(_Strict):

@@ -17,6 +17,9 @@ finite and exact for any finite logits.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
@@ -38,15 +41,38 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(near, torch.log(-torch.expm1(x_near)), torch.log1p(-torch.exp(x_far)))
 
 
+# Sums a 0-d tensor over the processes that share a global batch (None: one process).
+_GLOBAL_SUM: ContextVar[Callable[[torch.Tensor], torch.Tensor] | None] = ContextVar(
+    "esmm_global_sum", default=None)
+
+
+@contextmanager
+def global_batch(total: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+    """Within this block every loss is this process's share of the loss of a global batch
+    split across processes: its numerator is the local sum, its denominator (row count or
+    weight total) ``total`` of the local one, summed over the processes. The losses and
+    gradients of all processes then add up to those of one process at the global batch,
+    whatever the split of rows (see :mod:`esmm.distributed`)."""
+    token = _GLOBAL_SUM.set(total)
+    try:
+        yield
+    finally:
+        _GLOBAL_SUM.reset(token)
+
+
 def weighted_mean(values: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
     """Mean of (N,) ``values`` under (N,) non-negative ``weight`` (None = uniform).
 
     With all weights zero (e.g. no clicked row in a batch for a clicked-only loss) the loss is
-    exactly zero with zero gradient, not NaN.
+    exactly zero with zero gradient, not NaN. Inside :func:`global_batch` the denominator is
+    the global one.
     """
+    reduce = _GLOBAL_SUM.get()
     if weight is None:
-        return values.mean()
-    total = weight.sum()
+        if reduce is None:
+            return values.mean()
+        weight = torch.ones_like(values)
+    total = weight.sum() if reduce is None else reduce(weight.detach().sum())
     if float(total) == 0.0:
         return (values * weight).sum()
     return (values * weight).sum() / total

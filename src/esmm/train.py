@@ -16,10 +16,16 @@ feature spec, the step, the best metric and the package version as plain values,
 of its tensors (:mod:`esmm.checkpoint`); ``latest.pt`` also holds optimizer and data-order
 state, so ``resume=True`` continues a killed run to the same result as an uninterrupted one. A
 run killed before its first ``latest.pt`` starts again from step 0.
+
+Under ``torchrun`` (:mod:`esmm.distributed`) every rank trains on its share of each global batch
+of ``train.batch_size`` rows and applies the same update; rank 0 alone holds the lock and writes
+the folder, and ``latest.pt`` records the number of ranks (a resume needs the same number) and
+every rank's RNG state.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -27,11 +33,12 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from contextlib import closing
+from contextlib import closing, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -51,12 +58,14 @@ from esmm.checkpoint import (
 )
 from esmm.config import Config, check_data_paths, dump_config, resolve_monitor
 from esmm.data.batches import Batch, num_batches, read_ahead
-from esmm.data.stream import Split, open_split, split_batches
-from esmm.errors import ConfigError, EsmmError, UsageError
-from esmm.evaluate import evaluate
+from esmm.data.stream import Split, open_split, split_batches, take_encoded
+from esmm.data.tables import EncodedData
+from esmm.distributed import DistContext, GradientSync, shard_bounds
+from esmm.errors import ConfigError, DataError, EsmmError, UsageError
+from esmm.evaluate import evaluate, evaluate_arrays, predict_split
 from esmm.features import FeatureSpec, spec_from_config
 from esmm.fsio import write_text
-from esmm.losses import check_gradients
+from esmm.losses import check_gradients, global_batch
 from esmm.models import build_model
 from esmm.nn.embedding import EmbeddingCollection
 from esmm.optim import RowSparseAdam
@@ -206,16 +215,52 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False,
     run = Path(out_dir)
     if resume and not run.exists():
         raise UsageError(f"--resume: {run} does not exist; nothing to resume")
-    with run_lock(run):
-        return _train_locked(cfg, run, resume, train_data, eval_data, on_step)
+    check_precision(cfg.train.precision, resolve_device(cfg.train.device))
+    ctx = DistContext.from_env(resolve_device(cfg.train.device))
+    try:
+        with run_lock(run) if ctx.is_main else nullcontext():
+            return _train_locked(cfg, run, resume, train_data, eval_data, on_step, ctx)
+    finally:
+        ctx.close()
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    """Refuse a ``train.precision`` this device cannot train in."""
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError(f"train.precision=fp16 needs a CUDA device (train.device={device}): "
+                          "gradient scaling for float16 is a GPU path here; use bf16 on the CPU")
+
+
+def _prepare_ranks(run: Path, resume: bool, cfg: Config, ctx: DistContext
+                   ) -> tuple[dict[str, Any] | None, bool]:
+    """Rank 0 prepares the folder (:func:`prepare_run`); the others learn the outcome, an
+    error included, and load the same ``latest.pt``. Returns (state to resume, restarted)."""
+    outcome: tuple[str, Any] = ("ok", None)
+    state, restarted = None, False
+    if ctx.is_main:
+        try:
+            state, restarted = prepare_run(run, resume, cfg.to_dict())
+            (run / "checkpoints").mkdir(parents=True, exist_ok=True)
+            dump_config(cfg, run / "config.yaml")
+            outcome = ("ok", (state is not None, restarted))
+        except EsmmError as e:
+            ctx.broadcast((type(e).__name__, str(e)))
+            raise
+    outcome = ctx.broadcast(outcome)
+    if outcome[0] != "ok":
+        error = UsageError if outcome[0] in ("UsageError", "ConfigError") else EsmmError
+        raise error(outcome[1])
+    if not ctx.is_main:
+        has_state, restarted = outcome[1]
+        if has_state:
+            state = load_checkpoint(run / "checkpoints" / "latest.pt")
+    return state, restarted
 
 
 def _train_locked(cfg: Config, run: Path, resume: bool, train_data: Split | None,
-                  eval_data: Split | None, on_step: Callable[[int], None] | None
-                  ) -> TrainResult:
-    state, restarted = prepare_run(run, resume, cfg.to_dict())
-    (run / "checkpoints").mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, run / "config.yaml")
+                  eval_data: Split | None, on_step: Callable[[int], None] | None,
+                  ctx: DistContext) -> TrainResult:
+    state, restarted = _prepare_ranks(run, resume, cfg, ctx)
     tc = cfg.train
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
@@ -230,7 +275,7 @@ def _train_locked(cfg: Config, run: Path, resume: bool, train_data: Split | None
         eval_data = open_split(cfg.data.eval, spec, cfg.data)
     log.info("train rows: %d (dropped %d conversion-without-click)", train_data.n,
              train_data.dropped_conversion_without_click)
-    trainer = Trainer(cfg, spec, run, train_data, eval_data, resolve_device(tc.device), on_step)
+    trainer = Trainer(cfg, spec, run, train_data, eval_data, ctx.device, on_step, ctx)
     if state is not None:
         trainer.load_state_dict(state, run / "checkpoints" / "latest.pt")
         log.info("resuming %s at step %d (epoch %d, batch %d)", run, trainer.progress.step,
@@ -264,14 +309,26 @@ class Trainer:
 
     def __init__(self, cfg: Config, spec: FeatureSpec, run: Path, train_data: Split,
                  eval_data: Split | None, device: torch.device,
-                 on_step: Callable[[int], None] | None = None) -> None:
+                 on_step: Callable[[int], None] | None = None,
+                 ctx: DistContext | None = None) -> None:
         self.cfg, self.tc, self.spec, self.run = cfg, cfg.train, spec, run
         self.train_data, self.eval_data, self.device, self.on_step = (
             train_data, eval_data, device, on_step)
+        self.ctx = ctx or DistContext(device=device)
         self.model = build_model(cfg, spec).to(device)
         self.opts = build_optimizers(self.model, cfg)
         self.monitor, self.mode = resolve_monitor(cfg)
-        self.steps_per_epoch = num_batches(train_data.n, self.tc.batch_size)
+        world = self.ctx.world
+        if train_data.n < world:
+            raise DataError(f"{train_data.source}: {train_data.n} training rows cannot be "
+                            f"shared among {world} ranks")
+        self.steps_per_epoch = num_batches(train_data.n, self.tc.batch_size, world)
+        self.sync = GradientSync(self.ctx, *split_parameters(self.model))
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.tc.precision)
+        self.scaler = (torch.amp.GradScaler(device.type) if self.tc.precision == "fp16"
+                       else None)
+        if self.ctx.active:
+            self._start_ranks()
         total = self.steps_per_epoch * self.tc.epochs
         self.total_steps = min(total, self.tc.max_steps) if self.tc.max_steps else total
         self.eval_every = self.tc.eval_every or self.steps_per_epoch
@@ -284,6 +341,17 @@ class Trainer:
         self._interval_start = 0
         self._t0 = time.perf_counter()
         self._latest_at = (0, self._t0)  # (step, time) of the newest latest.pt
+        self._local_samples = 0  # this rank's rows since the interval began (several ranks)
+
+    def _start_ranks(self) -> None:
+        """Make the ranks start alike: rank 0's weights everywhere, the same row count, and
+        each rank its own random stream (dropout) from then on."""
+        self.ctx.check_same("the training rows", self.train_data.n)
+        with torch.no_grad():
+            for t in self.model.state_dict().values():
+                torch.distributed.broadcast(t, src=0)
+        if self.ctx.rank:
+            torch.manual_seed(self.tc.seed + self.ctx.rank)
 
     # ------------------------------------------------------------------------- state
 
@@ -314,11 +382,17 @@ class Trainer:
             "step": p.step, "epoch": p.epoch, "batch_in_epoch": p.batch_in_epoch,
             "samples": p.samples, "best_metric": p.best_metric, "best_step": p.best_step,
             "bad_evals": p.bad_evals, "monitor": self.monitor, "version": esmm.__version__,
-            "elapsed_s": self.elapsed(),
+            "elapsed_s": self.elapsed(), "world_size": self.ctx.world,
         }
 
     def load_state_dict(self, state: dict[str, Any], source: Path) -> None:
         """Continue from a ``latest.pt`` payload (weights, optimizers, RNG, progress)."""
+        saved_world = int(state.get("world_size", 1))
+        if saved_world != self.ctx.world:
+            raise UsageError(f"--resume: {source} was written by a run on {saved_world} "
+                             f"process(es) and this one has {self.ctx.world}; resume with "
+                             f"--nproc {saved_world} (torchrun --nproc-per-node x nodes = "
+                             f"{saved_world})")
         load_weights(self.model, checkpoint_entry(state, "model", source), source)
         try:
             for o, s in zip(self.opts, checkpoint_entry(state, "optimizers", source),
@@ -329,9 +403,13 @@ class Trainer:
                             f"model's parameters ({e}); it was written by esmm "
                             f"{state.get('version', '?')} (this is {esmm.__version__}): resume "
                             "with that version, or start a new run from its weights") from None
-        torch.set_rng_state(checkpoint_entry(state, "torch_rng", source))
-        if self.device.type == "cuda" and state.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+        rng = state.get("torch_rng_ranks") or [checkpoint_entry(state, "torch_rng", source)]
+        torch.set_rng_state(rng[self.ctx.rank])
+        cuda_rng = state.get("cuda_rng_ranks") or [state.get("cuda_rng")]
+        if self.device.type == "cuda" and cuda_rng[self.ctx.rank] is not None:
+            torch.cuda.set_rng_state(cuda_rng[self.ctx.rank], self.device)
+        if self.scaler is not None and state.get("grad_scaler"):
+            self.scaler.load_state_dict(state["grad_scaler"])
         self.progress = Progress(
             step=state["step"], samples=state.get("samples", 0), epoch=state["epoch"],
             batch_in_epoch=state["batch_in_epoch"], best_metric=state["best_metric"],
@@ -341,34 +419,75 @@ class Trainer:
         self._interval_start = self.progress.step
 
     def save(self, name: str, resumable: bool = True) -> None:
-        save_checkpoint(self.state_dict(resumable), self.ck_dir / name)
+        """Write a checkpoint (rank 0). With several ranks, a resumable one is a collective
+        (every rank's RNG state is gathered into it): all ranks call it together."""
+        rngs = None
+        if resumable and self.ctx.active:
+            cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+            rngs = self.ctx.gather((torch.get_rng_state(), cuda))
+        if not self.ctx.is_main:
+            return
+        state = self.state_dict(resumable)
+        if rngs is not None:
+            state["torch_rng_ranks"] = [r[0] for r in rngs]
+            state["cuda_rng_ranks"] = [r[1] for r in rngs]
+        if resumable and self.scaler is not None:
+            state["grad_scaler"] = self.scaler.state_dict()
+        save_checkpoint(state, self.ck_dir / name)
 
     # ------------------------------------------------------------------------- one step
 
     def step(self, batch: Batch) -> torch.Tensor:
-        """One optimizer step on ``batch``. Returns the total loss, a 0-d tensor (not synced)."""
+        """One optimizer step on ``batch`` (this rank's share of the global batch). Returns
+        the total loss, a 0-d tensor (not synced; this rank's share with several ranks)."""
         batch = batch.to(self.device)
-        losses = self.model.losses(self.model(batch), batch)
+        losses = self.losses(batch)
         total = self.model.total_loss(losses)
         for o in self.opts:
             o.zero_grad(set_to_none=True)
-        total.backward()
-        if self.device.type == "cpu":
+        (self.scaler.scale(total) if self.scaler is not None else total).backward()
+        self.sync()
+        if self.scaler is not None:
+            # Unscaled before the step; a step whose gradients overflowed float16 is skipped
+            # by the scaler (identically on every rank: the gradients are already summed).
+            for o in self.opts:
+                self.scaler.unscale_(o)
+        elif self.device.type == "cpu":
             # Names a non-finite gradient before it reaches the weights. On the CPU the check
             # is only arithmetic; on an accelerator it would sync every step, so there the
             # interval's loss check catches the divergence instead.
             check_gradients(self.model, self.progress.step + 1)
         for o in self.opts:
-            o.step()
+            if self.scaler is not None:
+                self.scaler.step(o)
+            else:
+                o.step()
+        if self.scaler is not None:
+            self.scaler.update()
         for k, v in losses.items():
             d = v.detach().double()
             self._loss_sums[k] = self._loss_sums[k] + d if k in self._loss_sums else d
         self._loss_count += 1
         p = self.progress
         p.step += 1
-        p.samples += batch.size
+        if self.ctx.active:
+            self._local_samples += batch.size  # summed over the ranks at the interval's end
+        else:
+            p.samples += batch.size
         p.batch_in_epoch += 1
         return total.detach()
+
+    def losses(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """The model's float32 losses on a batch on the device: the forward pass under
+        autocast (``train.precision``), each loss over the global batch with several ranks."""
+        share = global_batch(self.ctx.sum_) if self.ctx.active else nullcontext()
+        with share:
+            with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                                enabled=self.amp_dtype is not None):
+                out = self.model(batch)
+            out = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v
+                   for k, v in out.items()}
+            return self.model.losses(out, batch)
 
     # ------------------------------------------------------------------------- an interval
 
@@ -377,7 +496,13 @@ class Trainer:
         if not self._loss_sums:
             return {}
         names = list(self._loss_sums)
-        means = (torch.stack([self._loss_sums[k] for k in names]) / self._loss_count).tolist()
+        sums = torch.stack([self._loss_sums[k] for k in names])  # (L,) float64
+        if self.ctx.active:
+            # The ranks' losses are shares of the global batch's: their sum is its loss.
+            sums = self.ctx.sum_(torch.cat([sums, sums.new_tensor([self._local_samples])]))
+            self.progress.samples += int(sums[-1].item())
+            self._local_samples, sums = 0, sums[:-1]
+        means = (sums / self._loss_count).tolist()
         out = dict(zip(names, means, strict=True))
         if not all(math.isfinite(v) for v in means):
             raise EsmmError(f"loss became non-finite between steps {self._interval_start + 1} "
@@ -391,7 +516,32 @@ class Trainer:
         """Metrics of the model on the eval split."""
         if self.eval_data is None:
             raise ConfigError("data.eval is not set: there is no split to evaluate on")
+        if self.ctx.active:
+            return self._evaluate_ranks(self.eval_data)
         return evaluate(self.model, self.eval_data, self.tc.eval_batch_size)
+
+    def _evaluate_ranks(self, data: Split) -> dict[str, float]:
+        """Exact metrics with several ranks: each scores a contiguous share of the eval rows,
+        rank 0 computes the metrics on all the scores in row order and every rank gets them."""
+        share = _eval_share(data, self.ctx.rank, self.ctx.world)
+        preds: dict[str, np.ndarray] = {}
+        keep = None
+        if share.n:
+            preds, labels = predict_split(self.model, share, self.tc.eval_batch_size)
+            # In memory every rank holds the labels; a stream's come with the scores.
+            if not isinstance(data, EncodedData):
+                keep = _label_arrays(labels)
+        parts = self.ctx.gather((share.n, preds, keep))
+        metrics: dict[str, float] | None = None
+        if parts is not None:
+            parts = [q for q in parts if q[0]]
+            full = {k: np.concatenate([q[1][k] for q in parts]) for k in parts[0][1]}
+            if isinstance(data, EncodedData):
+                metrics = evaluate_arrays(self.model, data, full)
+            else:
+                metrics = evaluate_arrays(self.model, _join_labels(
+                    data.source, [q[2] for q in parts]), full)
+        return self.ctx.broadcast(metrics)
 
     def end_interval(self, tb: Any) -> bool:
         """Log, evaluate and checkpoint at the end of a logging interval.
@@ -400,9 +550,10 @@ class Trainer:
             whether early stopping ends the run here.
         """
         p = self.progress
+        losses = self.mean_losses()  # with several ranks, also the interval's samples
         row: dict[str, Any] = {"step": p.step, "epoch": p.epoch, "samples": p.samples,
                                "elapsed_s": round(self.elapsed(), 3)}
-        for k, v in self.mean_losses().items():
+        for k, v in losses.items():
             row[k] = v
             tb.add_scalar(f"train/{k}", v, p.step)
         for k, w in self.model.loss_weights().items():
@@ -411,10 +562,13 @@ class Trainer:
         if self.eval_data is not None:
             self._evaluate_into(row, tb)
         self.history.append(row)
-        write_history(self.run / "history.csv", self.history)
+        if self.ctx.is_main:
+            write_history(self.run / "history.csv", self.history)
         # latest.pt holds optimizer state (3x the weights with Adam), so writing it at every
-        # evaluation can cost more than the evaluation; it is throttled.
-        if time.perf_counter() - self._latest_at[1] >= self.tc.checkpoint_interval_s:
+        # evaluation can cost more than the evaluation; it is throttled (rank 0's clock decides
+        # for every rank: writing it is a collective).
+        due = time.perf_counter() - self._latest_at[1] >= self.tc.checkpoint_interval_s
+        if self.ctx.broadcast(due):
             self.save("latest.pt")
             self._latest_at = (p.step, time.perf_counter())
         tb.flush()
@@ -455,7 +609,10 @@ class Trainer:
                    unit_scale=True, desc=f"train {self.cfg.model.name}",
                    disable=not _progress_enabled(tc.progress), dynamic_ncols=True)
         # purge_step hides the events a killed run logged past the step this run starts from.
-        tb = SummaryWriter(str(self.run / "tb"), purge_step=p.step if purge_tensorboard else None)
+        tb: Any = _NullWriter()
+        if self.ctx.is_main:
+            tb = SummaryWriter(str(self.run / "tb"),
+                               purge_step=p.step if purge_tensorboard else None)
         self._t0 = time.perf_counter()
         self._latest_at = (p.step, self._t0)
         self.model.train()
@@ -473,11 +630,12 @@ class Trainer:
             batches = read_ahead(split_batches(self.train_data, tc.batch_size, shuffle=True,
                                                seed=tc.seed, epoch=p.epoch,
                                                start_batch=p.batch_in_epoch,
-                                               block=tc.shuffle_block), self.cfg.data.read_ahead)
+                                               block=tc.shuffle_block, rank=self.ctx.rank,
+                                               world=self.ctx.world), self.cfg.data.read_ahead)
             with closing(batches):
                 for batch in batches:
                     total = self.step(batch)
-                    bar.update(batch.size)
+                    bar.update(batch.size * self.ctx.world)
                     if not bar.disable and p.step % 20 == 0:
                         bar.set_postfix(loss=f"{total.item():.4f}", refresh=False)
                     if self.on_step is not None:
@@ -502,6 +660,7 @@ class Trainer:
             p.best_step = p.step
             self.save("best.pt", resumable=False)
         best_path = self.ck_dir / "best.pt"
+        self.ctx.barrier()  # rank 0 has written best.pt
         load_weights(self.model, checkpoint_entry(load_checkpoint(best_path), "model",
                                                   best_path), best_path)
         metrics = self.evaluate() if self.eval_data is not None else {}
@@ -512,10 +671,55 @@ class Trainer:
             "best_metric": p.best_metric, "stopped_early": stopped_early, "metrics": metrics,
             "version": esmm.__version__,
         }
-        write_text(self.run / "metrics.json",
-                   json.dumps(report, indent=2, default=_json_default))
+        if self.ctx.is_main:
+            write_text(self.run / "metrics.json",
+                       json.dumps(report, indent=2, default=_json_default))
         return TrainResult(self.run, p.step, p.best_step, p.best_metric, self.monitor, metrics,
                            stopped_early)
+
+
+class _NullWriter:
+    """The TensorBoard writer of ranks other than 0: they log nothing."""
+
+    def add_scalar(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _eval_share(data: Split, rank: int, world: int) -> Split:
+    """Rank ``rank``'s contiguous share of an eval split: rows in memory; whole row groups
+    (by their first row) of a stream, so each rank reads only its own."""
+    if isinstance(data, EncodedData):
+        lo, hi = shard_bounds(data.n, world)[rank:rank + 2]
+        return take_encoded(data, np.arange(lo, hi, dtype=np.int64))
+    share = copy.copy(data)
+    share.units = [u for u in data.units if u.first_kept * world // data.n == rank]
+    share.n = sum(u.kept for u in share.units)
+    return share
+
+
+def _label_arrays(labels: EncodedData) -> dict[str, Any]:
+    """What exact metrics need of a share of a stream: labels, groups, ground truth."""
+    return {"click": labels.click, "conversion": labels.conversion, "groups": labels.groups,
+            "ground_truth": labels.ground_truth}
+
+
+def _join_labels(source: str, parts: list[dict[str, Any]]) -> EncodedData:
+    """The labels of a whole split from its shares' (:func:`_label_arrays`), in row order."""
+    def cat(key: str) -> np.ndarray | None:
+        got = [q[key] for q in parts]
+        return None if any(g is None for g in got) else np.concatenate(got)
+
+    out = EncodedData(source=source, n=sum(len(q["click"]) for q in parts),
+                      click=cat("click"), conversion=cat("conversion"), groups=cat("groups"))
+    out.ground_truth = {k: np.concatenate([q["ground_truth"][k] for q in parts])
+                        for k in parts[0]["ground_truth"]}
+    return out
 
 
 def _json_default(o: Any) -> Any:

@@ -121,14 +121,49 @@ def shuffled_order(rng: np.random.Generator, n: int, block: int = 1) -> np.ndarr
 
 
 def iter_batches(data: EncodedData, batch_size: int, *, shuffle: bool = False, seed: int = 0,
-                 epoch: int = 0, start_batch: int = 0, block: int = 1) -> Iterator[Batch]:
-    """Yield the batches of one epoch, starting at batch ``start_batch`` (for resuming)."""
+                 epoch: int = 0, start_batch: int = 0, block: int = 1, rank: int = 0,
+                 world: int = 1) -> Iterator[Batch]:
+    """Yield the batches of one epoch, starting at batch ``start_batch`` (for resuming).
+
+    With ``world > 1`` ranks, ``batch_size`` is the global batch: every rank draws the same
+    epoch order and global batches (:func:`batch_bounds`) and yields its slice of each
+    (:func:`rank_slice`), so the ranks' batches together are the one-process batches.
+    """
     order = epoch_order(data.n, seed, epoch, shuffle, block)
-    for start in range(start_batch * batch_size, data.n, batch_size):
-        yield make_batch(data, order[start:start + batch_size])
+    bounds = batch_bounds(data.n, batch_size, world)
+    for k in range(start_batch, len(bounds) - 1):
+        rows = order[bounds[k]:bounds[k + 1]]
+        if world > 1:
+            rows = rows[rank_slice(len(rows), rank, world)]
+        yield make_batch(data, rows)
 
 
-def num_batches(n: int, batch_size: int) -> int:
+def batch_bounds(n: int, batch_size: int, world: int = 1) -> np.ndarray:
+    """(S + 1,) start of each global batch of an epoch of ``n`` rows, and ``n``.
+
+    Batches of ``batch_size`` rows, the last one shorter. With ``world`` ranks a last batch
+    of fewer than ``world`` rows would leave a rank without rows, so those rows join the batch
+    before (one batch of up to ``batch_size + world - 1`` rows): every row is used exactly
+    once per epoch and every rank holds at least one row of every batch.
+    """
+    if n < world:
+        raise ValueError(f"{n} rows cannot be shared among {world} ranks")
+    bounds = np.arange(0, n, batch_size, dtype=np.int64)
+    if len(bounds) > 1 and n - bounds[-1] < world:
+        bounds = bounds[:-1]
+    return np.append(bounds, n)
+
+
+def rank_slice(size: int, rank: int, world: int) -> slice:
+    """Rank ``rank``'s contiguous share of a batch of ``size`` rows: shares differ by at most
+    one row, the larger ones going to the last ranks."""
+    return slice(rank * size // world, (rank + 1) * size // world)
+
+
+def num_batches(n: int, batch_size: int, world: int = 1) -> int:
+    """Batches of an epoch of ``n`` rows (global batches over ``world`` ranks)."""
+    if world > 1:
+        return len(batch_bounds(n, batch_size, world)) - 1
     return (n + batch_size - 1) // batch_size
 
 

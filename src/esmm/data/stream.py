@@ -266,6 +266,75 @@ class ParquetStream:
                 index += 1
 
 
+    def rank_units(self, rank: int, world: int, seed: int, epoch: int
+                   ) -> tuple[list[_Unit], np.ndarray]:
+        """Rank ``rank``'s row groups for one epoch, and the (world,) rows of every rank.
+
+        The row groups are permuted by (seed, epoch); each in turn goes to the rank holding
+        the fewest rows so far (the lowest such rank on ties), so every rank computes the same
+        disjoint assignment and the shares differ by at most one row group.
+        """
+        rng = np.random.default_rng([seed, epoch, 2])
+        loads = np.zeros(world, dtype=np.int64)
+        mine: list[_Unit] = []
+        for i in rng.permutation(len(self.units)):
+            r = int(np.argmin(loads))
+            loads[r] += self.units[i].kept
+            if r == rank:
+                mine.append(self.units[i])
+        return mine, loads
+
+    def rank_batches(self, batch_size: int, *, rank: int, world: int, steps: int, seed: int = 0,
+                     epoch: int = 0, start_batch: int = 0, block: int = 1) -> Iterator[Batch]:
+        """Rank ``rank``'s ``steps`` shuffled batches of one epoch (``batch_size`` global).
+
+        The rank reads only its row groups (:meth:`rank_units`), shuffles them in buffers as
+        :meth:`batches` does (its own stream of (seed, epoch, rank)), and cuts its n_r rows
+        into exactly ``steps`` batches of floor or ceil(n_r / steps) rows, so all ranks take
+        the same number of steps and every row is used exactly once per epoch.
+        """
+        units, loads = self.rank_units(rank, world, seed, epoch)
+        if int(loads.min()) < steps:
+            low = int(np.argmin(loads))
+            raise DataError(f"{self.source}: {len(self.units)} row group(s) cannot be shared "
+                            f"among {world} ranks for {steps} steps per epoch (rank {low} gets "
+                            f"{int(loads[low])} rows); write the Parquet files with smaller "
+                            "row groups or more files, or set data.loader=memory")
+        ends = np.arange(steps + 1, dtype=np.int64) * int(loads[rank]) // steps  # (steps + 1,)
+        rng = np.random.default_rng([seed, epoch, 3, rank])
+        buffer_rows = max(self.cfg.shuffle_buffer, batch_size)
+        pending: list[EncodedData] = []
+        n_pending, k = 0, 0
+        for last, chunk in _flag_last(self.chunks(units)):
+            pending.append(chunk)
+            n_pending += chunk.n
+            if n_pending < buffer_rows and not last:
+                continue
+            data = concat_encoded(pending)
+            order = shuffled_order(rng, data.n, block)
+            pos = 0
+            while k < steps and pos + ends[k + 1] - ends[k] <= data.n:
+                size = int(ends[k + 1] - ends[k])
+                if k >= start_batch:
+                    yield make_batch(data, order[pos:pos + size])
+                pos += size
+                k += 1
+            rest = order[pos:]
+            pending = [take_encoded(data, np.sort(rest))] if len(rest) else []
+            n_pending = len(rest)
+
+
+def _flag_last(items: Iterator[EncodedData]) -> Iterator[tuple[bool, EncodedData]]:
+    """(is it the last item, item) for each item of ``items``."""
+    prev = None
+    for item in items:
+        if prev is not None:
+            yield False, prev
+        prev = item
+    if prev is not None:
+        yield True, prev
+
+
 def _signed_ints(t: pa.DataType) -> bool:
     """Whether an id column of type ``t`` holds signed integers (or lists of them): such ids
     are always valid."""
@@ -340,15 +409,25 @@ def resolve_loader(path: str | Path, cfg: DataConfig, loader: str | None = None)
 
 
 def split_batches(split: Split, batch_size: int, *, shuffle: bool = False, seed: int = 0,
-                  epoch: int = 0, start_batch: int = 0, block: int = 1) -> Iterator[Batch]:
-    """The batches of one epoch of an in-memory or streamed split."""
+                  epoch: int = 0, start_batch: int = 0, block: int = 1, rank: int = 0,
+                  world: int = 1) -> Iterator[Batch]:
+    """The batches of one epoch of an in-memory or streamed split.
+
+    With ``world > 1`` ranks (training: shuffled), ``batch_size`` is the global batch and each
+    rank gets its disjoint share: its slice of every global batch in memory, its row groups
+    streamed; every rank yields :func:`num_batches` (n, batch_size, world) batches.
+    """
+    from esmm.data.batches import iter_batches, num_batches
+
     if isinstance(split, ParquetStream):
+        if world > 1:
+            return split.rank_batches(batch_size, rank=rank, world=world,
+                                      steps=num_batches(split.n, batch_size, world), seed=seed,
+                                      epoch=epoch, start_batch=start_batch, block=block)
         return split.batches(batch_size, shuffle=shuffle, seed=seed, epoch=epoch,
                              start_batch=start_batch, block=block)
-    from esmm.data.batches import iter_batches
-
     return iter_batches(split, batch_size, shuffle=shuffle, seed=seed, epoch=epoch,
-                        start_batch=start_batch, block=block)
+                        start_batch=start_batch, block=block, rank=rank, world=world)
 
 
 # ----------------------------------------------------------------------------- chunk algebra
