@@ -376,6 +376,8 @@ class TrainConfig(_Strict):
     checkpoint_interval_s: float = Field(default=60.0, ge=0.0)
     # cpu, cuda, cuda:N, or auto (cuda when torch sees a GPU, else cpu).
     device: str = Field(default="cpu", pattern=r"^(cpu|auto|cuda(:\d+)?)$")
+    # none, or mlflow (the `tracking` extra): see esmm.tracking and docs/tracking.md.
+    tracking: Literal["none", "mlflow"] = "none"
 
     @field_validator("progress", mode="before")
     @classmethod
@@ -384,6 +386,15 @@ class TrainConfig(_Strict):
         if isinstance(v, bool):
             return "on" if v else "off"
         return v
+
+    @model_serializer(mode="wrap")
+    def _omit_no_tracking(self, handler: Any) -> dict[str, Any]:
+        # The default is left out, so configs and checkpoints written before `tracking`
+        # existed compare equal and their runs resume.
+        out = handler(self)
+        if out.get("tracking") == "none":
+            del out["tracking"]
+        return out
 
 
 class Config(_Strict):
