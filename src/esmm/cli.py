@@ -338,6 +338,44 @@ def serve(
               threads=threads, log_level=log_level)
 
 
+@app.command()
+@_errors
+def tune(
+    config: Path = typer.Argument(..., help="Base YAML config; data.eval scores the trials."),
+    space: Path = typer.Option(..., "--space", help="YAML search space: config keys to "
+                               "{log_uniform: [lo, hi]}, {uniform: [lo, hi]}, {int_uniform: "
+                               "[lo, hi]} or {choice: [...]} (see docs/tracking.md)."),
+    trials: int = typer.Option(..., "--trials", min=1, help="Finished trials the study should "
+                               "hold; a study in --out continues up to this count."),
+    out: Path = typer.Option(..., "--out", "-o", help="Study folder: study.db (SQLite, "
+                             "resumable), trials/NNNN run folders, best_config.yaml, "
+                             "trials.csv, trials.md, history.png, importances.png."),
+    overrides: list[str] = typer.Option([], "--set", help=SET_HELP + " Applies to every "
+                                        "trial."),
+    jobs: int = typer.Option(1, "--jobs", min=1, help="Worker processes running trials in "
+                             "parallel."),
+    metric: str = typer.Option(None, "--metric", help="Objective on data.eval, e.g. cvr_auc "
+                               "or ctr_logloss+ctcvr_logloss; its direction follows the metric "
+                               "(default: the config's early-stopping monitor)."),
+    pruner: str = typer.Option("median", "--pruner", help="'median': stop a trial behind the "
+                               "median of earlier trials at an evaluation; 'none'."),
+    startup_trials: int = typer.Option(5, "--startup-trials", min=0, help="Trials sampled at "
+                                       "random, and never pruned, before the search models "
+                                       "the space."),
+    seed: int = typer.Option(None, "--seed", min=0, help="Seed of the sampler."),
+) -> None:
+    """Search hyper-parameters with Optuna: pruned, resumable, parallel trials."""
+    from esmm.tune import tune as run_tune
+
+    res = run_tune(config, space, trials, out, overrides=overrides, jobs=jobs, metric=metric,
+                   pruner=pruner, startup_trials=startup_trials, seed=seed)
+    counts = ", ".join(f"{v} {k}" for k, v in sorted(res.counts.items()))
+    typer.echo(f"trials: {counts}")
+    typer.echo(f"best: trial {res.best_trial}, {res.metric}={res.best_value:.6g} "
+               f"({res.direction}) with {json.dumps(res.best_params)}")
+    typer.echo("wrote " + ", ".join(str(f) for f in res.files))
+
+
 benchmark_app = typer.Typer(
     no_args_is_help=True,
     help="Compare ESMM with the paper's baselines: `paper` (Table 2) and `bias-sweep`.",
