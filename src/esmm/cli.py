@@ -376,6 +376,24 @@ def tune(
     typer.echo("wrote " + ", ".join(str(f) for f in res.files))
 
 
+@app.command()
+@_errors
+def report(
+    run: Path = typer.Argument(..., help="Run directory (esmm train --out)."),
+    data: str = typer.Option(None, "--data", help="Split to score: train, eval or test (the "
+                             "run config's data.train/eval/test) or a path (default: "
+                             "data.test, else data.eval)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for report.html (one "
+                             "self-contained page, plots embedded)."),
+    batch_size: int = typer.Option(8192, min=1, help="Rows per forward pass."),
+) -> None:
+    """Write an HTML report of a run: curves, ROC, calibration, histograms, per-user AUC."""
+    from esmm.report import build_report
+
+    page = build_report(run, out, data=data, batch_size=batch_size)
+    typer.echo(f"wrote {page}")
+
+
 benchmark_app = typer.Typer(
     no_args_is_help=True,
     help="Compare ESMM with the paper's baselines: `paper` (Table 2) and `bias-sweep`.",
