@@ -80,7 +80,9 @@ def test_every_evaluation_is_logged_at_its_step(tracked):
 def test_best_checkpoint_and_run_files_are_artifacts(tracked, tmp_path):
     run, client, mrun = tracked
     top = {f.path for f in client.list_artifacts(mrun.info.run_id)}
-    assert {"metrics.json", "config.yaml", "history.csv", "checkpoints"} <= top
+    assert {"metrics.json", "config.yaml", "history.csv", "checkpoints", "report"} <= top
+    assert {f.path for f in client.list_artifacts(mrun.info.run_id, "report")} == {
+        "report/report.html"}
     ck = {f.path for f in client.list_artifacts(mrun.info.run_id, "checkpoints")}
     assert ck == {"checkpoints/best.pt"}
     got = client.download_artifacts(mrun.info.run_id, "checkpoints/best.pt", str(tmp_path))
@@ -94,6 +96,10 @@ def test_tracking_uri_from_the_environment_file_store(flat_data, tmp_path, monke
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store.as_uri())
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "sweep-1")
+    # The report's own content is checked with the default store; here only that it is logged.
+    monkeypatch.setattr("esmm.report.build_report",
+                        lambda run, out, **kw: (out.mkdir(), (out / "report.html").write_text(
+                            "<html></html>")))
     run = tmp_path / "runs" / "b"
     train(_cfg(flat_data), run)
     assert not (tmp_path / "runs" / "mlruns").exists()
@@ -103,7 +109,8 @@ def test_tracking_uri_from_the_environment_file_store(flat_data, tmp_path, monke
     assert mrun.info.run_name == "b" and mrun.info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(mrun.info.run_id, "ctr_auc")] == [
         10, 20, 30]
-    assert "metrics.json" in {f.path for f in client.list_artifacts(mrun.info.run_id)}
+    assert {"metrics.json", "report"} <= {f.path for f in client.list_artifacts(
+        mrun.info.run_id)}
 
 
 def test_a_store_that_cannot_be_opened_is_a_one_line_config_error(flat_data, tmp_path,

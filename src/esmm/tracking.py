@@ -120,7 +120,7 @@ class MlflowTracker:
         from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
 
-        self.run = run
+        self.run, self.cfg = run, cfg
         self.uri = default_tracking_uri(run)
         self.active = True
         try:
@@ -202,7 +202,18 @@ class MlflowTracker:
         self.client.log_batch(self.run_id, metrics=metrics)
 
     def log_result(self, run: Path) -> None:
-        """The files of a finished run, as artifacts."""
+        """The files of a finished run, as artifacts, with its report on data.eval."""
+        if not self.active:
+            return
+        if self.cfg.data.eval is not None:
+            from esmm.report import build_report
+
+            try:
+                build_report(run, run / "report", data="eval",
+                             batch_size=self.cfg.train.eval_batch_size)
+            except Exception as e:  # noqa: BLE001 - the report is an extra; the run is done
+                log.warning("the run's report was not written (%s: %s); its other files are "
+                            "logged", type(e).__name__, " ".join(str(e).split())[:300])
         self._guard("logging the run's files", self._log_files, run)
 
     def _log_files(self, run: Path) -> None:
