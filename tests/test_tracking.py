@@ -120,6 +120,7 @@ def test_a_store_that_cannot_be_opened_is_a_one_line_config_error(flat_data, tmp
                                           r"'nosuchscheme://x' cannot be used") as e:
         train(_cfg(flat_data), tmp_path / "run")
     assert "\n" not in str(e.value)
+    assert not (tmp_path / "run").exists()  # refused before any work
 
 
 def test_missing_mlflow_names_the_extra(flat_data, tmp_path, monkeypatch):

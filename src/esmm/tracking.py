@@ -101,6 +101,25 @@ def require_tracking(cfg: Config, run: Path) -> None:
         raise ConfigError(f"train.tracking=mlflow: the package(s) {missing} are not installed; "
                           "install them with `pip install esmm[tracking]`, or set "
                           "train.tracking=none")
+    _open_client(default_tracking_uri(run), run)  # a store MLflow refuses fails here, early
+
+
+def _open_client(uri: str, run: Path) -> Any:
+    """An MLflow client of ``uri`` (the store is opened, and a SQLite one created, now)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        if uri.startswith("sqlite:") and "MLFLOW_TRACKING_URI" not in os.environ:
+            (run.resolve().parent / "mlruns").mkdir(parents=True, exist_ok=True)
+        return MlflowClient(tracking_uri=uri)
+    except MlflowException as e:
+        raise ConfigError(_store_error(uri, e)) from None
+
+
+def _store_error(uri: str, e: Exception) -> str:
+    return (f"train.tracking=mlflow: the MLflow store {uri!r} cannot be used: "
+            f"{' '.join(str(e).split())}")
 
 
 class NullTracker:
@@ -118,19 +137,15 @@ class MlflowTracker:
 
     def __init__(self, cfg: Config, run: Path, resume: bool) -> None:
         from mlflow.exceptions import MlflowException
-        from mlflow.tracking import MlflowClient
 
         self.run, self.cfg = run, cfg
         self.uri = default_tracking_uri(run)
         self.active = True
+        self.client = _open_client(self.uri, run)
         try:
-            if self.uri.startswith("sqlite:"):
-                (run.resolve().parent / "mlruns").mkdir(parents=True, exist_ok=True)
-            self.client = MlflowClient(tracking_uri=self.uri)
             self.run_id = self._reuse(resume) or self._create(cfg)
         except MlflowException as e:
-            raise ConfigError(f"train.tracking=mlflow: the MLflow store {self.uri!r} cannot "
-                              f"be used: {' '.join(str(e).split())}") from None
+            raise ConfigError(_store_error(self.uri, e)) from None
         log.info("tracking to MLflow run %s in %s", self.run_id, self.uri)
 
     def _experiment_id(self) -> str:

@@ -229,8 +229,9 @@ def load_space(path: str | Path, tree: dict[str, Any]) -> list[ParamSpec]:
             try:
                 config_from_dict(_with_values(tree, {ps.key: value}), "the config")
             except ConfigError as e:
+                why = str(e).removeprefix("invalid configuration in the config: ")
                 raise ConfigError(f"--space {p}: {ps.key}: the value {value!r} is refused "
-                                  f"for this config: {e}") from None
+                                  f"for this config: {why}") from None
     return space
 
 
@@ -602,11 +603,13 @@ def _write_plots(st: Study, study: Any, complete: int) -> list[Path]:
     files = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        files.append(_save_axes(ovm.plot_optimization_history(study), st.out / "history.png"))
+        ax = ovm.plot_optimization_history(study, target_name=st.metric)
+        files.append(_save_axes(ax, st.out / "history.png"))
         if complete >= 2:
             try:
                 evaluator = optuna.importance.FanovaImportanceEvaluator(seed=st.seed or 0)
-                ax = ovm.plot_param_importances(study, evaluator=evaluator)
+                ax = ovm.plot_param_importances(study, evaluator=evaluator,
+                                                 target_name=st.metric)
             except (ValueError, RuntimeError) as e:
                 log.warning("no parameter importances: %s", e)
             else:
