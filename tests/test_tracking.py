@@ -162,3 +162,27 @@ def test_flatten():
     assert flatten({"a": {"b": 1, "c": [1, 2], "d": None, "e": True},
                     "f": [{"g": "x"}, {"g": "y"}]}) == {
         "a.b": "1", "a.c": "[1, 2]", "a.d": "null", "a.e": "true", "f.0.g": "x", "f.1.g": "y"}
+
+
+def test_a_resumed_training_continues_its_mlflow_run(flat_data, tmp_path, monkeypatch):
+    store = tmp_path / "store"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store.as_uri())
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    monkeypatch.setattr("esmm.report.build_report", lambda *a, **kw: None)
+    cfg = _cfg(flat_data, checkpoint_interval_s=0)
+    run = tmp_path / "run"
+
+    def ctrl_c(step, row):
+        if step == 20:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, run, on_eval=ctrl_c)
+    client = MlflowClient(tracking_uri=store.as_uri())
+    (killed,) = client.search_runs([client.get_experiment_by_name("esmm").experiment_id])
+    assert killed.info.status == "KILLED"
+    train(cfg, run, resume=True)
+    (done,) = client.search_runs([client.get_experiment_by_name("esmm").experiment_id])
+    assert done.info.run_id == killed.info.run_id and done.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(done.info.run_id, "ctr_auc")] == [
+        10, 20, 30]
