@@ -365,9 +365,14 @@ def _run_trial(st: Study, study: Any, trial: Any) -> None:
         study.tell(trial, state=TrialState.FAIL)
         raise
     trial.set_user_attr("best_step", result.best_step)
+    if not math.isfinite(value):
+        # An AUC on a split without both classes, say: no value to rank the trial by.
+        log.warning("trial %d failed: %s is %s on data.eval", trial.number, st.metric, value)
+        trial.set_user_attr("error", f"{st.metric} is {value} on data.eval")
+        study.tell(trial, state=TrialState.FAIL)
+        return
     log.info("trial %d: %s=%.6g", trial.number, st.metric, value)
-    study.tell(trial, value if math.isfinite(value) else None,
-               state=TrialState.COMPLETE if math.isfinite(value) else TrialState.FAIL)
+    study.tell(trial, value)
 
 
 def _work(st: Study, worker: int = 0) -> None:
