@@ -197,3 +197,16 @@ def test_missing_optuna_names_the_extra(files, tmp_path, monkeypatch):
     with pytest.raises(UsageError, match=r"needs the package 'optuna'.*pip install "
                                          r"esmm\[tune\]"):
         tune_mod.tune(cfg, space, 2, tmp_path / "x")
+
+
+def test_a_folder_with_trial_runs_but_no_study_is_refused(files, tmp_path):
+    cfg, space = files
+    base = load_config(cfg)
+    st = tune_mod.Study(base.to_dict(), tune_mod.load_space(space, base.to_dict()),
+                        "ctr_logloss+ctcvr_logloss", tmp_path / "s", trials=2)
+    (st.out / "trials" / "mlruns").mkdir(parents=True)  # a tracking store alone is no trial
+    tune_mod._prepare_study(st)
+    (st.out / "study.db").unlink()
+    (st.out / "trials" / "0000").mkdir()
+    with pytest.raises(UsageError, match=r"holds trial runs \(trials/\) but no study\.db"):
+        tune_mod._prepare_study(st)

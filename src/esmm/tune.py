@@ -61,6 +61,7 @@ from esmm.config import (
 )
 from esmm.errors import ConfigError, EsmmError, UsageError
 from esmm.fsio import atomic_path, atomic_write, prepare_dir_output, write_text
+from esmm.tracking import require_tracking
 
 log = logging.getLogger(__name__)
 
@@ -428,7 +429,8 @@ def _prepare_study(st: Study) -> None:
 
     db = st.out / "study.db"
     trials_dir = st.out / "trials"
-    if not db.is_file() and trials_dir.is_dir() and any(trials_dir.iterdir()):
+    if not db.is_file() and trials_dir.is_dir() and any(p.name != "mlruns"
+                                                        for p in trials_dir.iterdir()):
         raise UsageError(f"--out {st.out}: holds trial runs (trials/) but no study.db; choose "
                          "another --out")
     study = _open_study(st)
@@ -519,6 +521,8 @@ def tune(config: str | Path, space: str | Path, trials: int, out: str | Path, *,
     (out_dir / "trials").mkdir(exist_ok=True)
     with _held(out_dir):
         _prepare_study(st)
+        # Tracked trials share one MLflow store: created here once, not raced by the workers.
+        require_tracking(base, out_dir / "trials" / "0000")
         _run_workers(st, jobs)
         return write_outputs(st)
 
