@@ -342,9 +342,9 @@ def serve(
 @_errors
 def tune(
     config: Path = typer.Argument(..., help="Base YAML config; data.eval scores the trials."),
-    space: Path = typer.Option(..., "--space", help="YAML search space: config keys to "
-                               "{log_uniform: [lo, hi]}, {uniform: [lo, hi]}, {int_uniform: "
-                               "[lo, hi]} or {choice: [...]} (see docs/tracking.md)."),
+    space: Path = typer.Option(..., "--space", help="YAML search space: each config key "
+                               "mapped to log_uniform, uniform or int_uniform bounds, or to a "
+                               "choice of values (see docs/tracking.md)."),
     trials: int = typer.Option(..., "--trials", min=1, help="Finished trials the study should "
                                "hold; a study in --out continues up to this count."),
     out: Path = typer.Option(..., "--out", "-o", help="Study folder: study.db (SQLite, "
