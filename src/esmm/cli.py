@@ -403,6 +403,62 @@ def serve(
               max_bag_len=max_bag_len, max_in_flight=max_in_flight, show_paths=show_paths)
 
 
+@app.command()
+@_errors
+def tune(
+    config: Path = typer.Argument(..., help="Base YAML config; data.eval scores the trials."),
+    space: Path = typer.Option(..., "--space", help="YAML search space: each config key "
+                               "mapped to log_uniform, uniform or int_uniform bounds, or to a "
+                               "choice of values (see docs/tracking.md)."),
+    trials: int = typer.Option(..., "--trials", min=1, help="Finished trials the study should "
+                               "hold; a study in --out continues up to this count."),
+    out: Path = typer.Option(..., "--out", "-o", help="Study folder: study.db (SQLite, "
+                             "resumable), trials/NNNN run folders, best_config.yaml, "
+                             "trials.csv, trials.md, history.png, importances.png."),
+    overrides: list[str] = typer.Option([], "--set", help=SET_HELP + " Applies to every "
+                                        "trial."),
+    jobs: int = typer.Option(1, "--jobs", min=1, help="Worker processes running trials in "
+                             "parallel."),
+    metric: str = typer.Option(None, "--metric", help="Objective on data.eval, e.g. cvr_auc "
+                               "or ctr_logloss+ctcvr_logloss; its direction follows the metric "
+                               "(default: the config's early-stopping monitor)."),
+    pruner: str = typer.Option("median", "--pruner", help="'median': stop a trial behind the "
+                               "median of earlier trials at an evaluation; 'none'."),
+    startup_trials: int = typer.Option(5, "--startup-trials", min=0, help="Trials sampled at "
+                                       "random, and never pruned, before the search models "
+                                       "the space."),
+    seed: int = typer.Option(None, "--seed", min=0, help="Seed of the sampler."),
+) -> None:
+    """Search hyper-parameters with Optuna: pruned, resumable, parallel trials."""
+    from esmm.tune import tune as run_tune
+
+    res = run_tune(config, space, trials, out, overrides=overrides, jobs=jobs, metric=metric,
+                   pruner=pruner, startup_trials=startup_trials, seed=seed)
+    counts = ", ".join(f"{v} {k}" for k, v in sorted(res.counts.items()))
+    typer.echo(f"trials: {counts}")
+    typer.echo(f"best: trial {res.best_trial}, {res.metric}={res.best_value:.6g} "
+               f"({res.direction}) with {json.dumps(res.best_params)}")
+    typer.echo("wrote " + ", ".join(str(f) for f in res.files))
+
+
+@app.command()
+@_errors
+def report(
+    run: Path = typer.Argument(..., help="Run directory (esmm train --out)."),
+    data: str = typer.Option(None, "--data", help="Split to score: train, eval or test (the "
+                             "run config's data.train/eval/test) or a path (default: "
+                             "data.test, else data.eval)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for report.html (one "
+                             "self-contained page, plots embedded)."),
+    batch_size: int = typer.Option(8192, min=1, help="Rows per forward pass."),
+) -> None:
+    """Write an HTML report of a run: curves, ROC, calibration, histograms, per-user AUC."""
+    from esmm.report import build_report
+
+    page = build_report(run, out, data=data, batch_size=batch_size)
+    typer.echo(f"wrote {page}")
+
+
 benchmark_app = typer.Typer(
     no_args_is_help=True,
     help="Compare models: `paper` (the ESMM paper's Table 2), `bias-sweep` and `zoo` (the "

@@ -516,6 +516,8 @@ class TrainConfig(_Strict):
     # Autocast dtype of the forward pass; losses and weights stay float32. fp16 adds gradient
     # scaling and needs a CUDA device.
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # none, or mlflow (the `tracking` extra): see esmm.tracking and docs/tracking.md.
+    tracking: Literal["none", "mlflow"] = "none"
 
     @field_validator("progress", mode="before")
     @classmethod
@@ -526,12 +528,14 @@ class TrainConfig(_Strict):
         return v
 
     @model_serializer(mode="wrap")
-    def _omit_fp32(self, handler: Any) -> dict[str, Any]:
-        # The default is left out, so runs started before `precision` existed resume with an
-        # unchanged config.
+    def _omit_defaults(self, handler: Any) -> dict[str, Any]:
+        # Defaults of keys added after 0.2 are left out, so configs and checkpoints written
+        # before they existed compare equal and their runs resume.
         out = handler(self)
         if out.get("precision") == "fp32":
             del out["precision"]
+        if out.get("tracking") == "none":
+            del out["tracking"]
         return out
 
 

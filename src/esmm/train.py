@@ -69,6 +69,7 @@ from esmm.losses import check_gradients, global_batch
 from esmm.models import build_model
 from esmm.nn.embedding import EmbeddingCollection
 from esmm.optim import RowSparseAdam
+from esmm.tracking import require_tracking, tracking_run
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +198,8 @@ def monitor_value(metrics: dict[str, float], monitor: str) -> float:
 
 def train(cfg: Config, out_dir: str | Path, *, resume: bool = False,
           train_data: Split | None = None, eval_data: Split | None = None,
-          on_step: Callable[[int], None] | None = None) -> TrainResult:
+          on_step: Callable[[int], None] | None = None,
+          on_eval: Callable[[int, dict[str, Any]], None] | None = None) -> TrainResult:
     """Train ``cfg.model`` on ``cfg.data.train``, evaluating on ``cfg.data.eval``.
 
     Args:
@@ -207,19 +209,24 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False,
             stopped before its first ``latest.pt`` starts again from step 0.
         train_data / eval_data: already-opened splits (skips reading ``cfg.data``).
         on_step: called after every optimizer step with the global step.
+        on_eval: called at the end of every logging interval with the step and its
+            ``history.csv`` row (interval losses; eval metrics and ``monitor`` when data.eval
+            is set); an exception it raises ends the run (a pruned trial).
     """
     # A misspelt monitor, a mode against its direction or a missing path fails before any work.
     resolve_monitor(cfg)
     check_data_paths(cfg, [k for k, given in (("train", train_data), ("eval", eval_data))
                            if given is None])
     run = Path(out_dir)
+    require_tracking(cfg, run)
     if resume and not run.exists():
         raise UsageError(f"--resume: {run} does not exist; nothing to resume")
     check_precision(cfg.train.precision, resolve_device(cfg.train.device))
     ctx = DistContext.from_env(resolve_device(cfg.train.device))
     try:
         with run_lock(run) if ctx.is_main else nullcontext():
-            return _train_locked(cfg, run, resume, train_data, eval_data, on_step, ctx)
+            return _train_locked(cfg, run, resume, train_data, eval_data, on_step, ctx,
+                                 on_eval)
     finally:
         ctx.close()
 
@@ -259,7 +266,9 @@ def _prepare_ranks(run: Path, resume: bool, cfg: Config, ctx: DistContext
 
 def _train_locked(cfg: Config, run: Path, resume: bool, train_data: Split | None,
                   eval_data: Split | None, on_step: Callable[[int], None] | None,
-                  ctx: DistContext) -> TrainResult:
+                  ctx: DistContext,
+                  on_eval: Callable[[int, dict[str, Any]], None] | None = None
+                  ) -> TrainResult:
     state, restarted = _prepare_ranks(run, resume, cfg, ctx)
     tc = cfg.train
     if tc.num_threads:
@@ -280,7 +289,13 @@ def _train_locked(cfg: Config, run: Path, resume: bool, train_data: Split | None
         trainer.load_state_dict(state, run / "checkpoints" / "latest.pt")
         log.info("resuming %s at step %d (epoch %d, batch %d)", run, trainer.progress.step,
                  trainer.progress.epoch, trainer.progress.batch_in_epoch)
-    return trainer.fit(purge_tensorboard=state is not None or restarted)
+    if on_eval is not None:
+        trainer.eval_hooks.append(on_eval)
+    with tracking_run(cfg, run, resume=state is not None) as tracker:
+        trainer.eval_hooks.insert(0, tracker.log_evaluation)
+        result = trainer.fit(purge_tensorboard=state is not None or restarted)
+        tracker.log_result(run)
+    return result
 
 
 @dataclass
@@ -334,6 +349,8 @@ class Trainer:
         self.eval_every = self.tc.eval_every or self.steps_per_epoch
         self.progress = Progress()
         self.history: list[dict[str, Any]] = []
+        # Called with (step, history row) at the end of every logging interval.
+        self.eval_hooks: list[Callable[[int, dict[str, Any]], None]] = []
         # Per-loss sums of the current logging interval, float64 on the device: adding a
         # float32 loss to them is exact as a Python float sum would be, without a sync.
         self._loss_sums: dict[str, torch.Tensor] = {}
@@ -572,6 +589,8 @@ class Trainer:
             self.save("latest.pt")
             self._latest_at = (p.step, time.perf_counter())
         tb.flush()
+        for hook in self.eval_hooks:
+            hook(p.step, row)
         patience = self.tc.early_stop.patience
         if self.eval_data is not None and patience and p.bad_evals >= patience:
             log.info("early stop at step %d: %s has not improved for %d evaluations", p.step,
