@@ -298,3 +298,25 @@ def test_quiet_silences_info_logs_and_verbose_shows_debug(tmp_path):
     assert both.returncode == 2
     assert both.stderr.strip() == ("esmm: error: -v/--verbose and -q/--quiet: give one of "
                                    "them, not both")
+
+
+# ----------------------------------------------------------------------------- packaging
+
+
+def test_extras_reference_each_other_and_installed_torch_satisfies_the_requirement():
+    import torch
+    from packaging.requirements import Requirement
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    meta = tomllib.loads((Path(SRC).parent / "pyproject.toml").read_text())["project"]
+    extras = meta["optional-dependencies"]
+    dev = [Requirement(r) for r in extras["dev"]]
+    assert any(r.name == "esmm" and "serve" in r.extras for r in dev)
+    others = {Requirement(r).name for k, v in extras.items() if k != "dev" for r in v}
+    assert not others & {r.name for r in dev if r.name != "esmm"}  # none repeated
+    torch_req = next(Requirement(r) for r in meta["dependencies"] if r.startswith("torch"))
+    # a local build such as 2.13.0+cpu must satisfy it, or pip would fetch another torch
+    assert torch_req.specifier.contains(torch.__version__)
+    for v in ("2.13.0+cpu", "2.14.3", "2.2.0"):
+        assert torch_req.specifier.contains(v), v
