@@ -33,9 +33,9 @@ wheel-check: $(STAMP)
 	start=$$(date +%s); \
 	$(PY) -m pip wheel --disable-pip-version-check -q --no-deps -w "$$tmp/dist" .; \
 	$(PYTHON) -m venv "$$tmp/venv"; \
-	"$$tmp/venv/bin/python" -m pip install --disable-pip-version-check -q torch==2.13.0; \
+	"$$tmp/venv/bin/python" -m pip install --disable-pip-version-check -q --no-compile torch==2.13.0; \
 	wheel=$$(ls "$$tmp"/dist/esmm-*.whl); \
-	"$$tmp/venv/bin/python" -m pip install --disable-pip-version-check -q "$$wheel[serve]"; \
+	"$$tmp/venv/bin/python" -m pip install --disable-pip-version-check -q --no-compile "$$wheel[serve]"; \
 	"$$tmp/venv/bin/python" -m pip check; \
 	cd "$$tmp"; \
 	"$$tmp/venv/bin/esmm" --version; \
