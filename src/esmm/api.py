@@ -224,10 +224,11 @@ def fit(config: Any, train: Data | None = None, eval: Data | None = None,
         log.info("run folder: %s", run_dir)
     res = run_train(cfg, run_dir, resume=resume, train_data=opened.get("train"),
                     eval_data=opened.get("eval"))
-    return Run(res.run_dir, res.run_dir / "checkpoints" / "best.pt", _config=cfg,
-               metrics=dict(res.metrics), step=res.step, best_step=res.best_step,
-               best_metric=res.best_metric, monitor=res.monitor,
-               stopped_early=res.stopped_early)
+    run = Run(res.run_dir, res.run_dir / "checkpoints" / "best.pt", metrics=dict(res.metrics),
+              step=res.step, best_step=res.best_step, best_metric=res.best_metric,
+              monitor=res.monitor, stopped_early=res.stopped_early)
+    run._config = cfg
+    return run
 
 
 # ----------------------------------------------------------------------------- runs
@@ -255,8 +256,9 @@ class Run:
     best_metric: float | None = None
     monitor: str | None = None
     stopped_early: bool = False
-    _config: Config | None = dataclasses.field(default=None, repr=False)
-    _loaded: tuple[Any, ...] | None = dataclasses.field(default=None, repr=False)
+    # Filled on first use (or by fit, which has the config at hand).
+    _config: Config | None = dataclasses.field(default=None, init=False, repr=False)
+    _loaded: tuple[Any, ...] | None = dataclasses.field(default=None, init=False, repr=False)
 
     def __repr__(self) -> str:
         best = (f"best {self.monitor}={self.best_metric:.6g} at step {self.best_step}"
