@@ -279,6 +279,28 @@ def test_version_option():
     assert res.exit_code == 0 and res.output.strip() == f"esmm {esmm.__version__}"
 
 
+def test_cli_commands_give_what_the_api_gives(flat_data, trained, tmp_path):
+    from typer.testing import CliRunner
+
+    from esmm.cli import app
+
+    cli = CliRunner()
+    res = cli.invoke(app, ["evaluate", str(trained.path), "--out", str(tmp_path / "m.json")])
+    assert res.exit_code == 0, res.output
+    saved = json.loads((tmp_path / "m.json").read_text())
+    assert saved["metrics"] == trained.evaluate() and saved["step"] == trained.best_step
+    assert saved["data"] == str(flat_data["valid"])
+    res = cli.invoke(app, ["predict", str(trained.path), "--data", str(flat_data["valid"]),
+                           "--out", str(tmp_path / "p.parquet"), "--keep", "sample_id"])
+    assert res.exit_code == 0, res.output
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "p.parquet"),
+                                  trained.predict(flat_data["valid"], keep=["sample_id"]))
+    res = cli.invoke(app, ["export", str(trained.path), "--out", str(tmp_path / "m.pt"),
+                           "--parity-rows", "32"])
+    assert res.exit_code == 0 and "parity max abs diff" in res.output, res.output
+    assert isinstance(esmm.load(tmp_path / "m.pt"), Predictor)
+
+
 SIM = ("simulate", "--preset", "dense", "--rows", "1000", "--valid-rows", "0", "--test-rows",
        "0", "--out", "d")
 
