@@ -13,7 +13,8 @@
 Data is given as a path (anything ``data.train`` takes), a pandas DataFrame, an Arrow table,
 or a normalized ``(impressions, users)`` pair of either, joined by ``data.user_key``. Tables in
 memory are validated and encoded exactly as files are, so a DataFrame and the Parquet file it
-came from give the same run.
+came from give the same run (with ``data.loader: memory``, the default; a streamed file is
+shuffled by row group and buffer instead of row by row).
 
 Config overrides are keyword arguments whose double underscores stand for the dots of a
 config key (``train__optimizer__lr=0.01`` sets ``train.optimizer.lr``); their values are
