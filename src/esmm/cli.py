@@ -5,23 +5,25 @@ Exit codes: 0 success, 2 usage or configuration error, 1 runtime failure (bad da
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import inspect
 import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import typer
 
+import esmm
 from esmm.errors import EsmmError, UsageError
 from esmm.fsio import prepare_dir_output
 
 if TYPE_CHECKING:
     from esmm.config import Config
-    from esmm.features import FeatureSpec
-    from esmm.models import MultiTaskModel
 
 app = typer.Typer(
     add_completion=False,
@@ -33,22 +35,64 @@ app = typer.Typer(
 log = logging.getLogger("esmm")
 
 
-def _setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stderr,
-    )
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+VERBOSE_HELP = "Log debug messages too."
+QUIET_HELP = "Log warnings and errors only; no progress bars."
+
+
+@dataclasses.dataclass
+class _Verbosity:
+    """The global -v/-q given before the command (the callback sets it for one call)."""
+
+    verbose: bool = False
+    quiet: bool = False
+
+
+_GLOBAL = _Verbosity()
+
+
+def _setup_logging(verbose: bool = False, quiet: bool = False) -> int:
+    """Log to stderr: esmm at DEBUG (-v), WARNING (-q) or INFO. Returns the esmm logger's
+    previous level, restored when the command ends (a command run twice in one process, as
+    tests do, starts from the same state)."""
+    if verbose and quiet:
+        raise UsageError("-v/--verbose and -q/--quiet: give one of them, not both")
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format=LOG_FORMAT,
+                        datefmt="%H:%M:%S", stream=sys.stderr)
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    previous = log.level
+    log.setLevel(level)
+    return previous
+
+
+def _bars() -> bool:
+    """Whether to draw progress bars: on a terminal, unless -q."""
+    return sys.stderr.isatty() and log.level <= logging.INFO
+
+
+def _with_verbosity(fn: Callable[..., Any], wrapper: Callable[..., Any]) -> None:
+    """Give ``wrapper`` the signature of ``fn`` plus -v/--verbose and -q/--quiet, so that
+    every command takes them after its name too (typer reads the signature)."""
+    sig = inspect.signature(fn)
+    params = list(sig.parameters.values())
+    for name, flags, text in (("verbose", ("-v", "--verbose"), VERBOSE_HELP),
+                              ("quiet", ("-q", "--quiet"), QUIET_HELP)):
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation="bool",
+                                        default=typer.Option(False, *flags, help=text)))
+    wrapper.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {**fn.__annotations__, "verbose": "bool", "quiet": "bool"}
 
 
 def _errors(fn):
-    """Turn library errors into one clear line and the documented exit code."""
+    """Turn library errors into one clear line and the documented exit code; set up logging
+    from -v/-q (given before or after the command's name)."""
 
     @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        _setup_logging()
+    def wrapper(*args, verbose: bool = False, quiet: bool = False, **kwargs):
+        previous = log.level
         try:
+            previous = _setup_logging(verbose or _GLOBAL.verbose, quiet or _GLOBAL.quiet)
+            log.debug("esmm %s: %s", esmm.__version__, " ".join(sys.argv[1:]))
             return fn(*args, **kwargs)
         except UsageError as e:
             typer.echo(f"esmm: error: {e}", err=True)
@@ -59,8 +103,28 @@ def _errors(fn):
         except KeyboardInterrupt:
             typer.echo("esmm: interrupted", err=True)
             raise typer.Exit(130) from None
+        finally:
+            log.setLevel(previous)
 
+    _with_verbosity(fn, wrapper)
     return wrapper
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"esmm {esmm.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _global_options(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+    verbose: bool = typer.Option(False, "-v", "--verbose", help=VERBOSE_HELP),
+    quiet: bool = typer.Option(False, "-q", "--quiet", help=QUIET_HELP),
+) -> None:
+    """Options for every command; each command also takes -v/-q after its name."""
+    _GLOBAL.verbose, _GLOBAL.quiet = verbose, quiet
 
 
 SET_HELP = ("Override a config key, e.g. --set train.optimizer.lr=0.01 or "
@@ -101,9 +165,9 @@ def simulate(
     if fmt == "aliccp-raw":
         from esmm.data.aliccp import simulate_raw
 
-        info = simulate_raw(out, cfg, split_rows, seed, progress=sys.stderr.isatty())
+        info = simulate_raw(out, cfg, split_rows, seed, progress=_bars())
     else:
-        info = write_simulation(out, cfg, split_rows, seed, progress=sys.stderr.isatty())
+        info = write_simulation(out, cfg, split_rows, seed, progress=_bars())
     typer.echo(json.dumps(info.get("splits", info), indent=2, default=str))
 
 
@@ -135,9 +199,9 @@ def train(
                               "see docs/scaling.md."),
 ) -> None:
     """Train a model; evaluates on data.eval, early-stops and keeps the best checkpoint."""
+    from esmm.api import fit
     from esmm.config import load_config
     from esmm.metrics import format_table
-    from esmm.train import train as run_train
 
     cfg = load_config(config, overrides)
     if nproc is not None:
@@ -149,13 +213,13 @@ def train(
     if rank:
         # Under torchrun rank 0 reports; the others speak only of problems.
         logging.getLogger("esmm").setLevel(logging.WARNING)
-    res = run_train(cfg, out, resume=resume)
+    run = fit(cfg, out=out, resume=resume)
     if rank:
         return
-    if res.metrics:
-        typer.echo(format_table({cfg.model.name: res.metrics}))
-    typer.echo(f"run directory: {res.run_dir} (best {res.monitor}={res.best_metric} at step "
-               f"{res.best_step})")
+    if run.metrics:
+        typer.echo(format_table({cfg.model.name: run.metrics}))
+    typer.echo(f"run directory: {run.path} (best {run.monitor}={run.best_metric} at step "
+               f"{run.best_step})")
 
 
 def _launch_ranks(cfg: Config, nproc: int, train_args: list[str]) -> None:
@@ -194,29 +258,19 @@ def evaluate(
                                "split whole; 'auto': stream Parquet, read CSV whole."),
 ) -> None:
     """Evaluate a trained model: prints a table of every metric and writes metrics.json."""
-    from esmm.checkpoint import load_model
-    from esmm.config import check_data_paths
-    from esmm.data.stream import open_split
-    from esmm.evaluate import evaluate as run_eval
+    from esmm.api import load_run
     from esmm.fsio import prepare_file_output, write_text
     from esmm.metrics import format_table
 
     if out is not None:
         prepare_file_output(out)
-    model, cfg, spec, ck = load_model(run)
-    path = data or cfg.data.test or cfg.data.eval
-    if path is None:
-        raise UsageError("no data to evaluate: pass --data PATH")
-    if data is None:  # a split named by the run's config: a missing one is a config error
-        check_data_paths(cfg, ["test" if cfg.data.test else "eval"])
-    if loader not in ("auto", "stream", "memory"):
-        raise UsageError(f"--loader {loader!r}: expected auto, stream or memory")
-    split = open_split(path, spec, cfg.data, loader=loader)
-    metrics = run_eval(model, split, batch_size)
-    typer.echo(format_table({cfg.model.name: metrics}))
+    r = load_run(run)
+    path = data or r.default_data()
+    metrics = r.evaluate(path, batch_size=batch_size, loader=loader)
+    typer.echo(format_table({r.config.model.name: metrics}))
     if out is not None:
-        write_text(out, json.dumps({"data": str(path), "model": cfg.model.name,
-                                    "step": ck.get("step"), "metrics": metrics}, indent=2))
+        write_text(out, json.dumps({"data": str(path), "model": r.config.model.name,
+                                    "step": r.checkpoint_step, "metrics": metrics}, indent=2))
         typer.echo(f"wrote {out}")
 
 
@@ -235,74 +289,13 @@ def predict(
                                "whole; 'auto': stream Parquet, read CSV whole."),
 ) -> None:
     """Score rows with a trained model and write p_ctr, p_cvr, p_ctcvr as Parquet."""
-    from esmm.checkpoint import load_model
-    from esmm.data.stream import resolve_loader
+    from esmm.api import load_run
     from esmm.fsio import prepare_file_output
 
     prepare_file_output(out)
-    model, cfg, spec, _ = load_model(run)
-    if loader not in ("auto", "stream", "memory"):
-        raise UsageError(f"--loader {loader!r}: expected auto, stream or memory")
-    if resolve_loader(data, cfg.data, loader) == "stream":
-        n = _predict_stream(model, cfg, spec, data, out, batch_size, keep)
-    else:
-        n = _predict_memory(model, cfg, spec, data, out, batch_size, keep)
+    n = load_run(run).predict_to_file(data, out, keep=keep, batch_size=batch_size,
+                                      loader=loader)
     typer.echo(f"wrote {n} rows to {out}")
-
-
-def _predict_stream(model: MultiTaskModel, cfg: Config, spec: FeatureSpec, data: Path,
-                    out: Path, batch_size: int, keep: list[str]) -> int:
-    """Score Parquet chunk by chunk into a temporary file that replaces ``out`` at the end: a
-    failure in any chunk leaves the previous ``out`` as it was."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from esmm.data.stream import ParquetStream
-    from esmm.evaluate import predict_arrays
-    from esmm.fsio import atomic_path
-    from esmm.models.base import OUTPUT_NAMES
-
-    stream = ParquetStream(data, spec, cfg.data, require_labels=False, keep=keep)
-    with atomic_path(out) as tmp:
-        writer = None
-        try:
-            for chunk in stream.chunks():
-                preds = predict_arrays(model, chunk, batch_size)
-                table = pa.table({**chunk.extra, **{k: pa.array(v) for k, v in preds.items()}})
-                if writer is None:
-                    writer = pq.ParquetWriter(tmp, table.schema)
-                writer.write_table(table)
-        finally:
-            if writer is not None:
-                writer.close()
-        if writer is None:  # no rows: still a valid (empty) Parquet file
-            pq.write_table(pa.table({k: pa.array([], pa.float64()) for k in OUTPUT_NAMES}), tmp)
-    return stream.n
-
-
-def _predict_memory(model: MultiTaskModel, cfg: Config, spec: FeatureSpec, data: Path,
-                    out: Path, batch_size: int, keep: list[str]) -> int:
-    """Read ``data`` whole, score it and replace ``out`` atomically."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from esmm.data.tables import encode, needed_columns, read_tables
-    from esmm.evaluate import predict_arrays
-    from esmm.fsio import atomic_path
-
-    raw = read_tables(data, cfg.data, columns=needed_columns(spec, cfg.data) + list(keep),
-                      spec=spec)
-    split = encode(raw, spec, cfg.data, require_labels=False)
-    preds = predict_arrays(model, split, batch_size)
-    cols = {}
-    for k in keep:
-        if k not in raw.impressions.column_names:
-            raise UsageError(f"--keep {k!r}: no such column in {data}")
-        cols[k] = raw.impressions.column(k)
-    cols.update({k: pa.array(v) for k, v in preds.items()})
-    with atomic_path(out) as tmp:
-        pq.write_table(pa.table(cols), tmp)
-    return split.n
 
 
 @app.command()
@@ -356,9 +349,9 @@ def export(
                                     "the eager model (eval rows, synthetic rows)."),
 ) -> None:
     """Export a trained model to one artifact file, checked against the eager model."""
-    from esmm.export import export_run
+    from esmm.api import load_run
 
-    meta = export_run(run, fmt, out, parity_rows=parity_rows)
+    meta = load_run(run).export(out, fmt, parity_rows=parity_rows)
     diffs = ", ".join(f"{k} {v:.1e}" for k, v in meta["parity"]["max_abs_diff"].items())
     typer.echo(f"wrote {out} ({fmt}, model {meta['model']}); parity max abs diff: {diffs}")
 

@@ -15,3 +15,7 @@ class ConfigError(UsageError):
 
 class DataError(EsmmError):
     """Input data is malformed: the message names the file, column or line."""
+
+
+class ArgumentError(UsageError, TypeError):
+    """A Python API argument of the wrong type or form (also a :class:`TypeError`)."""

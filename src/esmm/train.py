@@ -173,7 +173,13 @@ def _progress_enabled(setting: str) -> bool:
     rank = int(os.environ.get("RANK", "0"))
     if rank != 0 or setting == "off":
         return False
-    return setting == "on" or sys.stderr.isatty()
+    if setting == "on":
+        return True
+    # auto: a terminal or a notebook, unless esmm's own logger was set above INFO (esmm -q).
+    from esmm.api import in_notebook
+
+    quiet = logging.getLogger("esmm").level > logging.INFO
+    return not quiet and (sys.stderr.isatty() or in_notebook())
 
 
 def _is_better(value: float, best: float | None, mode: str) -> bool:
