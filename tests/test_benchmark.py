@@ -333,3 +333,44 @@ def test_counterfactual_bad_usage_exits_2(tmp_path, args, needle):
     assert res.exit_code == 2, _out(res)
     assert needle in _out(res)
     assert not (tmp_path / "o" / "runs").exists()
+
+
+def test_bias_sweep_world_seeds_pair_runs_within_worlds_and_give_intervals(tmp_path):
+    out = tmp_path / "sweep"
+    knobs = [x for k, v in TINY_WORLD.items() for x in ("--sim-set", f"{k}={v}")]
+    res = runner.invoke(app, ["benchmark", "bias-sweep", "--out", str(out), "--selection",
+                              "1", "--cvr", "0.2", "--seeds", "1", "--world-seeds", "2",
+                              "--rows", "2000", "--methods", "base,esmm", "--boot", "20",
+                              *knobs, *FAST])
+    assert res.exit_code == 0, _out(res)
+    rows = _rows(out / "sweep.csv")
+    assert {(r["method"], r["world"]) for r in rows} == {
+        (m, w) for m in ("base", "esmm", benchmark.CTR_NET) for w in ("0", "1")}
+    seeds = {json.loads((out / "data" / "cvr0.2-sel1" / f"world{w}" / "simulation.json")
+                        .read_text())["seed"] for w in (0, 1)}
+    assert seeds == {2018, 2019}
+    # Both runs share train.seed 0, yet they are two pairs: one per world.
+    intervals = _rows(out / "intervals.csv")
+    esmm = next(r for r in intervals if r["method"] == "esmm")
+    assert esmm["cvr_auc_entire_space_pairs"] == "2"
+    assert {r["method"] for r in intervals} >= {benchmark.CONTROL, benchmark.ORACLE}
+    report = (out / "report.md").read_text()
+    assert "Entire-space CVR with intervals" in report and "p_conversion (oracle)" in report
+    assert "2 world(s) per cell" in report
+
+
+def test_paired_diff_never_pairs_runs_of_different_worlds():
+    rows = [{"method": "base", "seed": 0, "world": 0, "m": 0.5},
+            {"method": "esmm", "seed": 0, "world": 1, "m": 0.9},
+            {"method": "base", "seed": 0, "world": 1, "m": 0.6},
+            {"method": "esmm", "seed": 0, "world": 0, "m": 0.7}]
+    d = benchmark.paired_diff(rows, "esmm", "m")
+    assert sorted(d.round(6).tolist()) == [0.2, 0.3]
+
+
+@pytest.mark.parametrize("cmd", ["paper", "zoo"])
+def test_world_seeds_with_given_data_exit_2(tmp_path, sim_dir, cmd):
+    res = runner.invoke(app, ["benchmark", cmd, "--data", str(sim_dir), "--world-seeds", "2",
+                              "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2, _out(res)
+    assert "--world-seeds 2" in _out(res) and "--data" in _out(res)

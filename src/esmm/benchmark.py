@@ -465,11 +465,14 @@ def mean_std(x: np.ndarray) -> tuple[float, float]:
 
 def paired_diff(rows: Sequence[dict[str, Any]], method: str, metric: str,
                 against: str = REFERENCE) -> np.ndarray:
-    """Per-seed ``method - against`` of ``metric`` over the seeds both have (nan dropped)."""
-    ref = {r["seed"]: float(r[metric]) for r in rows
-           if r["method"] == against and metric in r}
-    d = np.array([float(r[metric]) - ref[r["seed"]] for r in rows
-                  if r["method"] == method and metric in r and r["seed"] in ref],
+    """Per-run ``method - against`` of ``metric`` over the runs both have (nan dropped); a run
+    is a (world, seed) pair, so runs on different simulated worlds are never paired."""
+    def run(r: dict[str, Any]) -> tuple[Any, Any]:
+        return r.get("world", 0), r["seed"]
+
+    ref = {run(r): float(r[metric]) for r in rows if r["method"] == against and metric in r}
+    d = np.array([float(r[metric]) - ref[run(r)] for r in rows
+                  if r["method"] == method and metric in r and run(r) in ref],
                  dtype=np.float64)
     return d[~np.isnan(d)]
 
@@ -654,7 +657,8 @@ def run_paper(out: str | Path, *, data: str | Path | None = None, seeds: int = 3
               methods: Sequence[str] = PAPER_METHODS, overrides: Sequence[str] = (),
               rows: int | None = None, preset: str = "aliccp",
               knobs: dict[str, Any] | None = None, budgets: dict[str, int] | None = None,
-              fresh: bool = False, keep_checkpoints: bool = False) -> str:
+              fresh: bool = False, keep_checkpoints: bool = False, world_seeds: int = 1,
+              n_boot: int = 200) -> str:
     """Run the paper benchmark into ``out``; returns the Markdown report.
 
     Args:
@@ -665,6 +669,8 @@ def run_paper(out: str | Path, *, data: str | Path | None = None, seeds: int = 3
         budgets: epoch cap per method (default: see :func:`epoch_budget`).
         fresh: retrain runs that a previous call finished.
         keep_checkpoints: keep each run's ``checkpoints/`` (default: deleted once measured).
+        world_seeds: simulated worlds (data seeds ``SIM_SEED + w``); each runs every seed.
+        n_boot: bootstrap replicates over test users for the interval tables.
     """
     if seeds < 1:
         raise UsageError(f"--seeds {seeds}: need at least 1")
@@ -674,21 +680,25 @@ def run_paper(out: str | Path, *, data: str | Path | None = None, seeds: int = 3
     knobs = dict(knobs or {})
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    data_dir, source = _benchmark_data(out, data, rows, preset, knobs)
-    tree = base_tree(data_dir, overrides)
-    cfg0 = config_from_dict(tree, "benchmark config")
-    jobs = make_jobs(tree, methods, seeds, out / "runs", budgets, overrides)
+    where, source = world_jobs(
+        out, data, rows, preset, knobs, world_seeds, overrides,
+        lambda tree, runs, extra: make_jobs(tree, methods, seeds, runs, budgets, overrides,
+                                            extra=extra))
+    jobs = where[0][3]
+    cfg0 = config_from_dict(jobs[0].tree, "benchmark config")
     progress = _progress_enabled(cfg0.train.progress)
-    results = run_jobs([(data_dir, jobs)], fresh=fresh, progress=progress,
+    results = run_jobs([(d, j) for _, _, d, j in where], fresh=fresh, progress=progress,
                        keep_checkpoints=keep_checkpoints)
 
     metrics = _present(results, REPORT_METRICS)
     write_csv(out / "results.csv", results)
     paper_chart(out / "auc.png", results, methods, metrics, seeds)
     header = [source, "", *_setup_lines(cfg0, methods, budgets, overrides, jobs), "",
-              f"Seeds: {seeds} (train.seed {cfg0.train.seed} to {cfg0.train.seed + seeds - 1}; "
-              f"same data). Total time {time.perf_counter() - t0:.0f} s."]
-    text = paper_report(results, methods, seeds, header)
+              f"Seeds: {seeds} (train.seed {cfg0.train.seed} to {cfg0.train.seed + seeds - 1})"
+              f" on each of {world_seeds} world(s). Total time "
+              f"{time.perf_counter() - t0:.0f} s."]
+    text = paper_report(results, methods, seeds * world_seeds, header)
+    text += "\n".join(interval_section(results, where, methods, n_boot, out)) + "\n"
     write_text(out / "report.md", text)
     log.info("wrote %s, %s and %s", out / "results.csv", out / "report.md", out / "auc.png")
     return text
@@ -782,15 +792,19 @@ def run_bias_sweep(out: str | Path, *, selection: Sequence[float] = (0.0, 0.5, 1
                    rows: int = 200_000, methods: Sequence[str] = SWEEP_METHODS,
                    preset: str = "dense", knobs: dict[str, Any] | None = None,
                    overrides: Sequence[str] = (), budgets: dict[str, int] | None = None,
-                   fresh: bool = False, keep_checkpoints: bool = False) -> str:
-    """Train ``methods`` on one simulated set per (cvr, selection) and chart the metrics.
+                   fresh: bool = False, keep_checkpoints: bool = False,
+                   world_seeds: int = 1, n_boot: int = 200) -> str:
+    """Train ``methods`` on simulated sets per (cvr, selection) and chart the metrics.
 
-    Every cell uses the same simulator seed, so the worlds differ only in the two knobs.
+    World w of every cell uses simulator seed ``SIM_SEED + w``, so the cells differ only in
+    the two knobs (``world_seeds`` worlds per cell; one keeps the folders of earlier calls).
     Writes ``sweep.csv`` (one row per cell, method and seed), ``summary.csv``, ``report.md``
     and ``<metric>.png`` into ``out``; returns the report.
     """
     if seeds < 1:
         raise UsageError(f"--seeds {seeds}: need at least 1")
+    if world_seeds < 1:
+        raise UsageError(f"--world-seeds {world_seeds}: need at least 1")
     out = Path(out)
     methods = parse_methods(list(methods), SWEEP_METHODS)
     knobs = dict(knobs or {})
@@ -809,18 +823,21 @@ def run_bias_sweep(out: str | Path, *, selection: Sequence[float] = (0.0, 0.5, 1
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     cells = [(c, s) for c in cvr for s in selection]
-    groups = []
+    where = []
     sim_stats = {}
-    cfg0 = None
     for c, s in cells:
-        data_dir = out / "data" / _cell_name(c, s)
-        meta = ensure_simulation(data_dir, preset, {**knobs, "selection": s, "cvr": c}, rows)
-        sim_stats[(c, s)] = _split_stats(meta, "train")
-        tree = base_tree(data_dir, overrides)
-        cfg0 = cfg0 or config_from_dict(tree, "benchmark config")
-        jobs = make_jobs(tree, methods, seeds, out / "runs" / _cell_name(c, s), budgets,
-                         overrides, extra={"cvr": c, "selection": s})
-        groups.append((data_dir, jobs))
+        for w in range(world_seeds):
+            sub = _cell_name(c, s) if world_seeds == 1 else f"{_cell_name(c, s)}/world{w}"
+            meta = ensure_simulation(out / "data" / sub, preset,
+                                     {**knobs, "selection": s, "cvr": c}, rows,
+                                     seed=SIM_SEED + w)
+            sim_stats.setdefault((c, s), _split_stats(meta, "train"))
+            tree = _evals_per_epoch(base_tree(out / "data" / sub, overrides), rows)
+            jobs = make_jobs(tree, methods, seeds, out / "runs" / sub, budgets, overrides,
+                             extra={"cvr": c, "selection": s, "world": w})
+            where.append(({"cvr": c, "selection": s}, w, out / "data" / sub, jobs))
+    groups = [(d, j) for _, _, d, j in where]
+    cfg0 = config_from_dict(groups[0][1][0].tree, "benchmark config")
     progress = _progress_enabled(cfg0.train.progress)
     results = run_jobs(groups, fresh=fresh, progress=progress,
                        keep_checkpoints=keep_checkpoints)
@@ -832,13 +849,14 @@ def run_bias_sweep(out: str | Path, *, selection: Sequence[float] = (0.0, 0.5, 1
     for k in metrics:
         sweep_chart(out / f"{k}.png", summary, methods, cvr, selection, k)
     header = [
-        f"Simulator preset `{preset}`, knobs {knobs or 'none'} plus the grid; data seed "
-        f"{SIM_SEED}; splits {split_rows_for(rows)} per cell. Seeds per method: {seeds}. "
+        f"Simulator preset `{preset}`, knobs {knobs or 'none'} plus the grid; {world_seeds} "
+        f"world(s) per cell (data seeds {SIM_SEED} to {SIM_SEED + world_seeds - 1}); splits "
+        f"{split_rows_for(rows)} per world. Seeds per method and world: {seeds}. "
         f"Total time {time.perf_counter() - t0:.0f} s.",
         "",
         *_setup_lines(cfg0, methods, budgets, overrides, groups[0][1]),
         "",
-        "Simulated training splits per cell:",
+        "Simulated training splits per cell (world 0):",
         "",
         "| cvr | selection | ctr | conversions per click | clicks | conversions |",
         "|---:|---:|---:|---:|---:|---:|",
@@ -848,6 +866,7 @@ def run_bias_sweep(out: str | Path, *, selection: Sequence[float] = (0.0, 0.5, 1
                       f"{st.get('conversions_per_click', math.nan):.4f} | "
                       f"{st.get('clicks', '')} | {st.get('conversions', '')} |")
     text = sweep_report(summary, methods, cells, metrics, header)
+    text += "\n".join(interval_section(results, where, methods, n_boot, out)) + "\n"
     write_text(out / "report.md", text)
     log.info("wrote %s", ", ".join(str(out / n) for n in (
         "sweep.csv", "summary.csv", "report.md", *(f"{k}.png" for k in metrics))))
@@ -976,7 +995,8 @@ def run_zoo(out: str | Path, *, data: str | Path | None = None, seeds: int = 3,
             methods: Sequence[str] = ZOO_METHODS, overrides: Sequence[str] = (),
             rows: int | None = None, preset: str = "aliccp",
             knobs: dict[str, Any] | None = None, budgets: dict[str, int] | None = None,
-            fresh: bool = False, keep_checkpoints: bool = False) -> str:
+            fresh: bool = False, keep_checkpoints: bool = False, world_seeds: int = 1,
+            n_boot: int = 200) -> str:
     """Run the seesaw benchmark into ``out``; returns the Markdown report.
 
     Every model of ``methods`` (default: the reference, every zoo backbone under its own head
@@ -992,32 +1012,37 @@ def run_zoo(out: str | Path, *, data: str | Path | None = None, seeds: int = 3,
     knobs = dict(knobs or {})
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    data_dir, source = _benchmark_data(out, data, rows, preset, knobs)
-    tree = base_tree(data_dir, overrides)
-    cfg0 = config_from_dict(tree, "benchmark config")
     budgets = dict(budgets or {})
-    jobs = make_jobs(tree, methods, seeds, out / "runs", budgets, overrides,
-                     monitor=ZOO_MONITOR, clicked_only_factor=1)
-    results = run_jobs([(data_dir, jobs)], fresh=fresh,
+    where, source = world_jobs(
+        out, data, rows, preset, knobs, world_seeds, overrides,
+        lambda tree, runs, extra: make_jobs(tree, methods, seeds, runs, budgets, overrides,
+                                            extra=extra, monitor=ZOO_MONITOR,
+                                            clicked_only_factor=1))
+    jobs = where[0][3]
+    cfg0 = config_from_dict(jobs[0].tree, "benchmark config")
+    results = run_jobs([(d, j) for _, _, d, j in where], fresh=fresh,
                        progress=_progress_enabled(cfg0.train.progress),
                        keep_checkpoints=keep_checkpoints)
     write_csv(out / "results.csv", results)
     seesaw_chart(out / "seesaw.png", results, methods)
     header = [source, "", *_setup_lines(cfg0, methods, budgets, overrides, jobs), "",
-              f"Seeds: {seeds} (train.seed {cfg0.train.seed} to {cfg0.train.seed + seeds - 1}; "
-              f"same data). Every model: epoch cap `train.epochs`, early stopping on "
-              f"`{ZOO_MONITOR}` of the validation split. Total time "
+              f"Seeds: {seeds} (train.seed {cfg0.train.seed} to {cfg0.train.seed + seeds - 1})"
+              f" on each of {world_seeds} world(s). Every model: epoch cap `train.epochs`, "
+              f"early stopping on `{ZOO_MONITOR}` of the validation split. Total time "
               f"{time.perf_counter() - t0:.0f} s."]
-    text = zoo_report(results, methods, seeds, header)
+    text = zoo_report(results, methods, seeds * world_seeds, header)
+    text += "\n".join(interval_section(results, where, methods, n_boot, out)) + "\n"
     write_text(out / "report.md", text)
     log.info("wrote %s, %s and %s", out / "results.csv", out / "report.md", out / "seesaw.png")
     return text
 
 
 def _benchmark_data(out: Path, data: str | Path | None, rows: int | None, preset: str,
-                    knobs: dict[str, Any]) -> tuple[Path, str]:
-    """The benchmark's data folder (given, or simulated into ``out/data``) and a sentence
-    describing it."""
+                    knobs: dict[str, Any], world: int = 0, world_seeds: int = 1
+                    ) -> tuple[Path, str]:
+    """The benchmark's data folder (given, or simulated into ``out/data``, or
+    ``out/data/world<w>`` with several worlds, world w with data seed ``SIM_SEED + w``) and a
+    sentence describing it."""
     if data is not None:
         if rows is not None or knobs:
             raise UsageError("--rows and --sim-set describe simulated data; they cannot be "
@@ -1025,11 +1050,66 @@ def _benchmark_data(out: Path, data: str | Path | None, rows: int | None, preset
         data_dir = Path(data)
         check_data_dir(data_dir)
         return data_dir, f"Data: `{data_dir}` (train / valid / test)."
-    data_dir = out / "data"
-    meta = ensure_simulation(data_dir, preset, knobs, rows or DEMO_ROWS)
-    return data_dir, (f"Data: simulated, preset `{preset}`, knobs {knobs or 'none'}, data seed "
-                      f"{SIM_SEED}, splits {split_rows_for(rows or DEMO_ROWS)}. Test split: "
-                      + json.dumps(_split_stats(meta, "test"), default=str))
+    data_dir = out / "data" if world_seeds == 1 else out / "data" / f"world{world}"
+    meta = ensure_simulation(data_dir, preset, knobs, rows or DEMO_ROWS, seed=SIM_SEED + world)
+    seeds = (f"data seed {SIM_SEED}" if world_seeds == 1 else
+             f"{world_seeds} worlds (data seeds {SIM_SEED} to {SIM_SEED + world_seeds - 1})")
+    return data_dir, (f"Data: simulated, preset `{preset}`, knobs {knobs or 'none'}, {seeds}, "
+                      f"splits {split_rows_for(rows or DEMO_ROWS)}. Test split (world "
+                      f"{world}): " + json.dumps(_split_stats(meta, "test"), default=str))
+
+
+def world_jobs(out: Path, data: str | Path | None, rows: int | None, preset: str,
+               knobs: dict[str, Any], world_seeds: int, overrides: Sequence[str],
+               jobs_for: Callable[[dict[str, Any], Path, dict[str, Any]], list[Job]]
+               ) -> tuple[list[tuple[dict[str, float], int, Path, list[Job]]], str]:
+    """The data folder and runs of every world of a one-data-set benchmark (paper, zoo).
+
+    ``jobs_for(tree, runs_dir, extra)`` makes one world's jobs. One world keeps the folders
+    ``out/data`` and ``out/runs``; several put each under ``world<w>``. Simulated data are
+    evaluated ``EVALS_PER_EPOCH`` times per epoch (given data: once per epoch, its size
+    unknown before loading). Returns ``(cell, world, data folder, jobs)`` per world and the
+    data sentence.
+    """
+    if world_seeds < 1:
+        raise UsageError(f"--world-seeds {world_seeds}: need at least 1")
+    if data is not None and world_seeds > 1:
+        raise UsageError(f"--world-seeds {world_seeds}: a world is a simulated data set; it "
+                         "cannot be combined with --data (expected --world-seeds 1)")
+    where = []
+    source = ""
+    for w in range(world_seeds):
+        data_dir, text = _benchmark_data(out, data, rows, preset, knobs, w, world_seeds)
+        source = source or text
+        tree = base_tree(data_dir, overrides)
+        if data is None:
+            tree = _evals_per_epoch(tree, rows or DEMO_ROWS)
+        runs = out / "runs" if world_seeds == 1 else out / "runs" / f"world{w}"
+        where.append(({}, w, data_dir, jobs_for(tree, runs, {"world": w})))
+    return where, source
+
+
+def interval_section(results: Sequence[dict[str, Any]],
+                     where: Sequence[tuple[dict[str, float], int, Path, list[Job]]],
+                     methods: Sequence[str], n_boot: int, out: Path) -> list[str]:
+    """Markdown lines of the entire-space tables with intervals (see
+    :func:`counterfactual_report`), the control and oracle rows included, and
+    ``out/intervals.csv``; empty when the test split has no simulator ground truth."""
+    cfg = config_from_dict(where[0][3][0].tree, "benchmark config")
+    test = load_split(cfg.data.test, spec_from_config(cfg), cfg.data)
+    if not test.ground_truth or "conversion_if_clicked" not in test.ground_truth:
+        return []
+    rows_all, summary = _counterfactual_stats(results, where, methods, n_boot)
+    write_csv(out / "intervals.csv", summary, first=(*where[0][0], "method"))
+    cells = list({_cell_dir(c): c for c, *_ in where}.values())
+    lines = ["## Entire-space CVR with intervals", "", INTERVALS_NOTE, ""]
+    for cell in cells:
+        rows = [r for r in summary if all(r.get(k) == v for k, v in cell.items())]
+        if cell:
+            lines += ["### " + ", ".join(f"{k} {v:g}" for k, v in cell.items()), ""]
+        for k in CF_METRICS:
+            lines += [f"#### {CF_TITLE[k]} (`{k}`)", "", *cell_table(rows, k), ""]
+    return lines
 
 
 # ----------------------------------------------------------------------------- counterfactual
@@ -1239,6 +1319,14 @@ def cell_table(summary: Sequence[dict[str, Any]], metric: str) -> list[str]:
     return lines
 
 
+INTERVALS_NOTE = (
+    "Every table: the mean over runs (worlds x seeds); the 95% Student-t interval across "
+    "runs; the 95% bootstrap interval resampling the test split's users within each world "
+    "(the same resamples for every method); the paired difference from "
+    f"{DISPLAY[REFERENCE]} over the same (world, seed) runs with its 95% interval and the "
+    "runs it wins. AUCs in %; log loss in nats (lower is better; the control has none: pCTR "
+    "is on the click scale). The control row scores the seed's CTR net's pCTR as pCVR; the "
+    "oracle row scores the simulator's true `p_conversion`.")
 _REFERENCE_STYLE = {CONTROL: {"linestyle": ":", "color": "grey"},
                     ORACLE: {"linestyle": "--", "color": "black"}}
 
@@ -1419,15 +1507,7 @@ def _counterfactual_stats(results: Sequence[dict[str, Any]],
 
 def counterfactual_report(summary: Sequence[dict[str, Any]], cells: Sequence[dict[str, float]],
                           header: Sequence[str]) -> str:
-    lines = ["# Counterfactual CVR benchmark", "", *header, "",
-             "Every table: the mean over runs (worlds x seeds); the 95% Student-t interval "
-             "across runs; the 95% bootstrap interval resampling the test split's users "
-             "within each world; the paired difference from "
-             f"{DISPLAY[REFERENCE]} over the same (world, seed) runs with its 95% interval "
-             "and the runs it wins. AUCs in %; log loss in nats (lower is better; the "
-             "control has none: pCTR is on the click scale). The control row scores the "
-             "seed's CTR net's pCTR as pCVR; the oracle row scores the simulator's true "
-             "`p_conversion`.", ""]
+    lines = ["# Counterfactual CVR benchmark", "", *header, "", INTERVALS_NOTE, ""]
     for cell in cells:
         rows = [r for r in summary if all(r.get(k) == v for k, v in cell.items())]
         lines += [f"## selection {cell['selection']:g}, hidden_confounder "

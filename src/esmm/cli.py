@@ -380,6 +380,11 @@ BUDGET_HELP = ("Epoch cap of one method, METHOD=EPOCHS (repeatable), e.g. --budg
                "reference CTR net.")
 FRESH_HELP = ("Retrain every run; by default runs finished by an earlier call with the same "
               "config and data are reused, so an interrupted benchmark continues.")
+WORLD_HELP = ("Simulated worlds: world w is simulated with data seed 2018 + w and trains every "
+              "seed (not with --data). Paired differences pair runs of the same world and "
+              "seed.")
+BOOT_HELP = ("Bootstrap replicates over test users for the tables with intervals (written when "
+             "the test split has simulator ground truth).")
 KEEP_HELP = ("Keep each run's checkpoints/ (by default they are deleted once the run's test "
              "metrics are written: with the Ali-CCP feature set a checkpoint is hundreds of MB).")
 
@@ -409,6 +414,8 @@ def benchmark_paper(
     knob: list[str] = typer.Option([], "--sim-set", help="Override a simulator knob when "
                                    "simulating (repeatable), e.g. --sim-set selection=1.0."),
     budget: list[str] = typer.Option([], "--budget", help=BUDGET_HELP),
+    world_seeds: int = typer.Option(1, "--world-seeds", min=1, help=WORLD_HELP),
+    boot: int = typer.Option(200, min=1, help=BOOT_HELP),
     fresh: bool = typer.Option(False, "--fresh", help=FRESH_HELP),
     keep_checkpoints: bool = typer.Option(False, "--keep-checkpoints", help=KEEP_HELP),
 ) -> None:
@@ -424,7 +431,8 @@ def benchmark_paper(
     prepare_dir_output(out)
     report = run_paper(out, data=data, seeds=seeds, methods=chosen, overrides=overrides,
                        rows=rows, preset=preset, knobs=knobs, budgets=budgets, fresh=fresh,
-                       keep_checkpoints=keep_checkpoints)
+                       keep_checkpoints=keep_checkpoints, world_seeds=world_seeds,
+                       n_boot=boot)
     typer.echo(report)
     typer.echo(f"report written to {out / 'report.md'} (results.csv, auc.png beside it)")
 
@@ -454,6 +462,8 @@ def benchmark_zoo(
     budget: list[str] = typer.Option([], "--budget", help="Epoch cap of one model, "
                                      "METHOD=EPOCHS (repeatable); default train.epochs for "
                                      "every model."),
+    world_seeds: int = typer.Option(1, "--world-seeds", min=1, help=WORLD_HELP),
+    boot: int = typer.Option(200, min=1, help=BOOT_HELP),
     fresh: bool = typer.Option(False, "--fresh", help=FRESH_HELP),
     keep_checkpoints: bool = typer.Option(False, "--keep-checkpoints", help=KEEP_HELP),
 ) -> None:
@@ -470,7 +480,8 @@ def benchmark_zoo(
     prepare_dir_output(out)
     report = run_zoo(out, data=data, seeds=seeds, methods=chosen, overrides=overrides,
                      rows=rows, preset=preset, knobs=knobs, budgets=budgets, fresh=fresh,
-                     keep_checkpoints=keep_checkpoints)
+                     keep_checkpoints=keep_checkpoints, world_seeds=world_seeds,
+                     n_boot=boot)
     typer.echo(report)
     typer.echo(f"report written to {out / 'report.md'} (results.csv, seesaw.png beside it)")
 
@@ -496,6 +507,8 @@ def benchmark_bias_sweep(
                                    "clickbait_fraction=0.2."),
     overrides: list[str] = typer.Option([], "--set", help=SET_HELP),
     budget: list[str] = typer.Option([], "--budget", help=BUDGET_HELP),
+    world_seeds: int = typer.Option(1, "--world-seeds", min=1, help=WORLD_HELP),
+    boot: int = typer.Option(200, min=1, help=BOOT_HELP),
     fresh: bool = typer.Option(False, "--fresh", help=FRESH_HELP),
     keep_checkpoints: bool = typer.Option(False, "--keep-checkpoints", help=KEEP_HELP),
 ) -> None:
@@ -518,7 +531,8 @@ def benchmark_bias_sweep(
     prepare_dir_output(out)
     report = run_bias_sweep(out, selection=sel, cvr=cvrs, seeds=seeds, rows=rows,
                             methods=chosen, preset=preset, knobs=knobs, overrides=overrides,
-                            budgets=budgets, fresh=fresh, keep_checkpoints=keep_checkpoints)
+                            budgets=budgets, fresh=fresh, keep_checkpoints=keep_checkpoints,
+                            world_seeds=world_seeds, n_boot=boot)
     typer.echo(report)
     typer.echo(f"report written to {out / 'report.md'}")
 
@@ -537,8 +551,7 @@ def benchmark_counterfactual(
                                           "comma-separated."),
     cvr: str = typer.Option("0.1,0.02", help="Values of the `cvr` knob (conversions per "
                             "click), comma-separated."),
-    world_seeds: int = typer.Option(3, "--world-seeds", min=1, help="Simulated worlds per "
-                                    "cell: world w is simulated with data seed 2018 + w."),
+    world_seeds: int = typer.Option(3, "--world-seeds", min=1, help=WORLD_HELP),
     seeds: int = typer.Option(2, min=1, help="Training seeds per method and world."),
     rows: int = typer.Option(100_000, min=1000, help="Training impressions per world "
                              "(valid rows/4, test rows/2)."),
@@ -552,7 +565,7 @@ def benchmark_counterfactual(
     budget: list[str] = typer.Option([], "--budget", help="Epoch cap of one method, "
                                      "METHOD=EPOCHS (repeatable); default train.epochs for "
                                      "every method."),
-    boot: int = typer.Option(500, min=1, help="Bootstrap replicates over test users."),
+    boot: int = typer.Option(500, min=1, help=BOOT_HELP),
     fresh: bool = typer.Option(False, "--fresh", help=FRESH_HELP),
     keep_checkpoints: bool = typer.Option(False, "--keep-checkpoints", help=KEEP_HELP),
 ) -> None:
