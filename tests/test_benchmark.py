@@ -374,3 +374,23 @@ def test_world_seeds_with_given_data_exit_2(tmp_path, sim_dir, cmd):
                               "--out", str(tmp_path / "o")])
     assert res.exit_code == 2, _out(res)
     assert "--world-seeds 2" in _out(res) and "--data" in _out(res)
+
+
+def test_world_replicates_do_not_depend_on_the_chunking(monkeypatch):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    n = 300
+    t = benchmark.TestScores(truth=(rng.random(n) < 0.3).astype(np.float64),
+                             click=(rng.random(n) < 0.5).astype(np.int8),
+                             conversion=(rng.random(n) < 0.2).astype(np.int8),
+                             users=rng.integers(0, 40, n),
+                             scores={("esmm", 0): rng.random(n), (benchmark.ORACLE, 0):
+                                     rng.random(n)})
+    whole = benchmark.world_replicates(t, 30, seed=1)
+    monkeypatch.setattr(benchmark, "_BOOT_CELLS", 7 * n)  # 7 replicates at a time
+    chunked = benchmark.world_replicates(t, 30, seed=1)
+    for key, metrics in whole.items():
+        for m, v in metrics.items():
+            assert len(v) == 30
+            np.testing.assert_allclose(v, chunked[key][m], rtol=1e-12, atol=1e-15)

@@ -1219,6 +1219,9 @@ def load_test_scores(cfg: Config, jobs: Sequence[Job], seeds: Sequence[int]) -> 
                       users=np.asarray(users), scores=scores)
 
 
+_BOOT_CELLS = 1 << 22
+
+
 def world_replicates(t: TestScores, n_boot: int, seed: int
                      ) -> dict[tuple[str, int], dict[str, np.ndarray]]:
     """Each score's ``CF_METRICS`` on ``n_boot`` resamples of the test users (the same
@@ -1229,11 +1232,14 @@ def world_replicates(t: TestScores, n_boot: int, seed: int
     n_users = int(codes.max()) + 1 if len(codes) else 0
     parts: dict[tuple[str, int], dict[str, list[np.ndarray]]] = {
         k: {m: [] for m in CF_METRICS} for k in t.scores}
+    # (C, N) weights are built a few replicates at a time: C * N stays near 4M cells (32 MB).
+    step = max(1, _BOOT_CELLS // max(1, len(codes)))
     for counts in bootstrap_counts(n_users, n_boot, seed):
-        w = counts[:, codes].astype(np.float64)  # (C, N) weight of each row per replicate
-        for key in t.scores:
-            for m, v in score_metrics(t, key, w).items():
-                parts[key][m].append(v)
+        for lo in range(0, len(counts), step):
+            w = counts[lo:lo + step, codes].astype(np.float64)  # row weights per replicate
+            for key in t.scores:
+                for m, v in score_metrics(t, key, w).items():
+                    parts[key][m].append(v)
     return {k: {m: np.concatenate(v) for m, v in d.items()} for k, d in parts.items()}
 
 
