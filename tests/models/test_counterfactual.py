@@ -25,7 +25,7 @@ FEATURES = [
     {"name": "301", "kind": "categorical", "buckets": 10},
     {"name": "109_14", "kind": "multi_categorical", "buckets": 100},
 ]
-METHODS = ["escm2_ips", "escm2_dr", "dcmt"]
+METHODS = ["escm2_ips", "escm2_dr", "dcmt", "multi_ipw", "multi_dr"]
 
 
 @pytest.fixture(scope="module")
@@ -89,12 +89,15 @@ def _reference_escm2(estimator, lam, clip):
     return ref
 
 
+@pytest.mark.parametrize("ctcvr", [True, False])  # ESCM2, Multi-IPW / Multi-DR
 @pytest.mark.parametrize("estimator", ["ips", "dr"])
-def test_escm2_losses_equal_the_papers_formula_in_float64(estimator):
+def test_escm2_losses_equal_the_papers_formula_in_float64(estimator, ctcvr):
     # clip 0.2 binds on row 2 (pCTR 0.076), so the clipping is part of what is checked.
-    head = Escm2Head(estimator, lambda_c=0.7, clip=0.2)
+    head = Escm2Head(estimator, lambda_c=0.7, clip=0.2, ctcvr=ctcvr)
     got = head.losses(_out(), _batch())
     ref = _reference_escm2(estimator, 0.7, 0.2)
+    if not ctcvr:
+        del ref["loss_ctcvr"]
     assert tuple(got) == head.loss_names
     for k, v in ref.items():
         assert got[k].dtype == torch.float64
@@ -180,7 +183,8 @@ def test_outputs_named_with_shapes_and_registry_facts(sim, name):
     losses = model.losses(out, batch)
     assert tuple(losses) == model.loss_names
     entry = get_entry(name)
-    assert "counterfactual" in entry.benchmarks and entry.citation.startswith(("Wang", "Zhu"))
+    assert entry.citation.startswith(("Wang", "Zhu", "Zhang"))
+    assert ("counterfactual" in entry.benchmarks) == name.startswith(("escm2", "dcmt"))
 
 
 @pytest.mark.parametrize("name", METHODS)

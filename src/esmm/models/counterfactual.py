@@ -1,4 +1,4 @@
-"""Counterfactual CVR estimators: ESCM2-IPS, ESCM2-DR and DCMT.
+"""Counterfactual CVR estimators: ESCM2-IPS, ESCM2-DR, DCMT, Multi-IPW and Multi-DR.
 
 ESCM2 (H. Wang, T.-W. Chang, T. Liu, J. Huang, Z. Chen, C. Yu, R. Li, W. Chu, "ESCM2: Entire
 Space Counterfactual Multi-Task Model for Post-Click Conversion Rate Estimation", SIGIR 2022,
@@ -28,6 +28,12 @@ counterfactual label is 1 - conversion = 1, tied by a sum-to-one prior:
 
 with p_i = max(pCTR_i, clip), q_i = max(1 - pCTR_i, clip) (without gradient). pCVR is the
 factual tower's; pCTCVR = pCTR * pCVR.
+
+Multi-IPW and Multi-DR (W. Zhang, W. Bao, X.-Y. Liu, K. Yang, Q. Lin, H. Wen, R. Ramezani,
+"Large-scale Causal Approaches to Debiasing Post-click Conversion Rate Estimation with
+Multi-task Learning", WWW 2020) are the same two risks as the conversion task's loss of a
+multi-task model over shared embeddings, with no CTCVR loss:
+L = loss_ctr + lambda_c * R_cvr (lambda_c = 1 is the paper's sum).
 
 Every per-row error is a BCE with logits, so losses and gradients are finite for any finite
 logits; the weights are bounded by 1 / clip.
@@ -78,17 +84,26 @@ class Escm2Head(EntireSpaceHead):
     name = "escm2"
     aux = "imputation_logit"
 
-    def __init__(self, estimator: str, lambda_c: float, clip: float) -> None:
+    def __init__(self, estimator: str, lambda_c: float, clip: float,
+                 ctcvr: bool = True) -> None:
         if estimator not in ("ips", "dr"):
             raise ValueError(f"estimator must be 'ips' or 'dr', got {estimator!r}")
         self.estimator = estimator
         self.lambda_c = lambda_c
         self.clip = clip
-        self.loss_names = (("loss_ctr", "loss_ctcvr", "loss_cvr_ips") if estimator == "ips"
-                           else ("loss_ctr", "loss_ctcvr", "loss_cvr_dr", "loss_imputation"))
+        # Without ESMM's CTCVR loss (Multi-IPW, Multi-DR) the CVR risk is the conversion
+        # task's only loss, so the model is watched on it.
+        self.ctcvr = ctcvr
+        first = ("loss_ctr", "loss_ctcvr") if ctcvr else ("loss_ctr",)
+        self.loss_names = ((*first, "loss_cvr_ips") if estimator == "ips"
+                           else (*first, "loss_cvr_dr", "loss_imputation"))
+        if not ctcvr:
+            self.monitor = "ctr_logloss+cvr_logloss"
+            self.benchmark_monitor = "cvr_auc"
 
     def losses(self, out, batch) -> dict[str, torch.Tensor]:
-        losses = super().losses(out, batch)
+        losses = (super().losses(out, batch) if self.ctcvr
+                  else {"loss_ctr": loss_ctr(out["ctr_logit"], batch)})
         cvr_logit, click = out["cvr_logit"], batch.click
         inv_p = inverse_propensity(out["ctr_logit"], self.clip)  # (B,)
         e = cvr_errors(cvr_logit, batch.conversion)  # (B,)
@@ -190,4 +205,25 @@ def _escm2_dr(cfg: ModelConfig, spec: FeatureSpec, sparse: bool) -> MultiTaskMod
           benchmark_monitor="cvr_auc", **_FACTS)
 def _dcmt(cfg: ModelConfig, spec: FeatureSpec, sparse: bool) -> MultiTaskModel:
     head = DcmtHead(cfg.dcmt.lambda_prior, cfg.dcmt.clip)
+    return CounterfactualModel(spec, cfg, sparse, head, aux_tower=True)
+
+
+# Multi-IPW and Multi-DR: the same risks as the CVR task's only loss beside the CTR task.
+MULTI_CITATION = "Zhang et al., WWW 2020 (Multi-IPW, Multi-DR)"
+
+
+@register("multi_ipw", display="Multi-IPW", rank=9.1, head="escm2", citation=MULTI_CITATION,
+          summary="CTR and CVR towers over shared embeddings; the CVR loss is the clicked "
+          "rows' loss weighted by 1 / pCTR over all impressions (no CTCVR loss)",
+          benchmark_monitor="cvr_auc", clicked_only=True, backbone="none")
+def _multi_ipw(cfg: ModelConfig, spec: FeatureSpec, sparse: bool) -> MultiTaskModel:
+    head = Escm2Head("ips", cfg.escm2.lambda_c, cfg.escm2.clip, ctcvr=False)
+    return CounterfactualModel(spec, cfg, sparse, head, aux_tower=False)
+
+
+@register("multi_dr", display="Multi-DR", rank=9.2, head="escm2", citation=MULTI_CITATION,
+          summary="Multi-IPW with the doubly robust CVR loss and an imputation tower",
+          benchmark_monitor="cvr_auc", backbone="none")
+def _multi_dr(cfg: ModelConfig, spec: FeatureSpec, sparse: bool) -> MultiTaskModel:
+    head = Escm2Head("dr", cfg.escm2.lambda_c, cfg.escm2.clip, ctcvr=False)
     return CounterfactualModel(spec, cfg, sparse, head, aux_tower=True)
