@@ -394,3 +394,23 @@ def test_world_replicates_do_not_depend_on_the_chunking(monkeypatch):
         for m, v in metrics.items():
             assert len(v) == 30
             np.testing.assert_allclose(v, chunked[key][m], rtol=1e-12, atol=1e-15)
+
+
+def test_oracle_interval_counts_each_world_once():
+    import numpy as np
+
+    from esmm import stats
+
+    rows, reps = [], {0: {}, 1: {}, 2: {}}
+    for w, a in enumerate((0.80, 0.84, 0.83)):
+        for s in (0, 1):  # the oracle's score is the same for every seed of a world
+            for m, val in ((benchmark.ORACLE, a), (benchmark.REFERENCE, a - 0.2 + 0.01 * s)):
+                rows.append({"world": w, "seed": s, "method": m, "cvr_auc": val,
+                             "cvr_auc_entire_space": val, "cvr_logloss_entire_space": 0.1})
+                reps[w][(m, s)] = {k: np.array([val]) for k in benchmark.CF_METRICS}
+    out = benchmark.cell_summary(rows, reps, [benchmark.REFERENCE, benchmark.ORACLE], {})
+    oracle = out[1]
+    est = stats.seed_interval([0.80, 0.84, 0.83])
+    assert oracle["cvr_auc_runs"] == 3
+    assert (oracle["cvr_auc_seed_low"], oracle["cvr_auc_seed_high"]) == pytest.approx(
+        (est.low, est.high))

@@ -1271,6 +1271,8 @@ def cell_summary(rows: Sequence[dict[str, Any]], reps: dict[int, dict], methods:
         for k in CF_METRICS:
             v = values(m, k)
             x = np.array(list(v.values()))
+            if m == ORACLE:  # one value per world: its seeds are copies, not new draws
+                x = np.array(list({w: val for (w, _), val in v.items()}.values()))
             row[f"{k}_mean"] = float(x.mean()) if len(x) else math.nan
             row[f"{k}_runs"] = len(x)
             est = seed_interval(x) if len(x) >= 2 else None
