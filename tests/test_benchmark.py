@@ -215,3 +215,202 @@ def test_paper_takes_zoo_models_beside_the_paper_methods(sim_dir, tmp_path):
     assert rows["esmm_mmoe"]["monitor"] == "ctcvr_auc"  # trained on CTCVR, as ESMM
     report = (out / "report.md").read_text()
     assert "| ESMM-MMoE |" in report and "| ESMM-PLE - BASE |" in report
+
+
+def test_replicate_aucs_equal_sklearn_with_weights_and_ties():
+    import numpy as np
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(3)
+    y = (rng.random(400) < 0.3).astype(np.float64)
+    s = np.round(rng.random(400) + 0.4 * y, 1)  # rounded: many ties
+    w = rng.integers(0, 4, size=(5, 400)).astype(np.float64)
+    got = benchmark.replicate_aucs(y, s, w)
+    for i in range(5):
+        assert got[i] == pytest.approx(roc_auc_score(y, s, sample_weight=w[i]), abs=1e-12)
+    one_class = benchmark.replicate_aucs(np.ones(4), np.arange(4.0), np.ones((2, 4)))
+    assert np.isnan(one_class).all()
+
+
+def test_cell_summary_uses_the_stats_toolkit_and_pairs_runs():
+    import numpy as np
+
+    from esmm import stats
+
+    cell = {"selection": 0.5, "hidden_confounder": 1.0, "cvr": 0.1}
+    base, other = [0.60, 0.62, 0.58, 0.61], [0.65, 0.61, 0.66, 0.64]
+    loss_b, loss_o = [0.30, 0.31, 0.29, 0.30], [0.28, 0.32, 0.27, 0.29]
+    keys = [(0, 0), (0, 1), (1, 0), (1, 1)]  # (world, seed)
+    rows, reps = [], {0: {}, 1: {}}
+    for m, auc, ll in ((benchmark.REFERENCE, base, loss_b), ("esmm", other, loss_o)):
+        for (w, s), a, loss in zip(keys, auc, ll, strict=True):
+            rows.append({**cell, "world": w, "seed": s, "method": m, "cvr_auc": a,
+                         "cvr_auc_entire_space": a, "cvr_logloss_entire_space": loss})
+            reps[w][(m, s)] = {k: np.array([a - 0.01, a, a + 0.01]) for k in
+                               ("cvr_auc", "cvr_auc_entire_space")}
+            reps[w][(m, s)]["cvr_logloss_entire_space"] = np.array([loss] * 3)
+    out = benchmark.cell_summary(rows, reps, [benchmark.REFERENCE, "esmm"], cell)
+    esmm = out[1]
+    est = stats.seed_interval(other)
+    assert esmm["cvr_auc_mean"] == pytest.approx(np.mean(other))
+    assert (esmm["cvr_auc_seed_low"], esmm["cvr_auc_seed_high"]) == pytest.approx(
+        (est.low, est.high))
+    d = stats.paired_difference(other, base)
+    assert esmm["cvr_auc_minus_base_mean"] == pytest.approx(d.mean)
+    assert (esmm["cvr_auc_minus_base_low"], esmm["cvr_auc_wins"]) == (pytest.approx(d.low), 3)
+    # Log loss: lower is better, so a win is a lower loss (3 of 4 runs here).
+    assert esmm["cvr_logloss_entire_space_wins"] == 3
+    # Users: the replicates of the cell are the mean of its runs, replicate by replicate.
+    assert esmm["cvr_auc_user_low"] < esmm["cvr_auc_mean"] < esmm["cvr_auc_user_high"]
+    assert "cvr_auc_minus_base_mean" not in out[0]
+
+
+def test_counterfactual_end_to_end_control_oracle_world_seeds_and_reuse(tmp_path,
+                                                                        monkeypatch):
+    out = tmp_path / "cf"
+    knobs = [x for k, v in TINY_WORLD.items() for x in ("--sim-set", f"{k}={v}")]
+    # FAST without its evaluation interval: the benchmark sets one (EVALS_PER_EPOCH).
+    fast = ["--set", FEATURES, "--set", "model.tower=[8]", "--set", "model.embedding_dim=4",
+            "--set", "train.batch_size=500"]
+    args = ["benchmark", "counterfactual", "--out", str(out), "--selection", "0,1",
+            "--hidden-confounder", "1", "--cvr", "0.2", "--world-seeds", "2", "--seeds", "1",
+            "--rows", "2000", "--methods", "escm2_dr,dcmt", "--boot", "20",
+            "--set", "train.epochs=1", *knobs, *fast]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, _out(res)
+    rows = _rows(out / "results.csv")
+    methods = {"base", "escm2_dr", "dcmt", benchmark.CONTROL, benchmark.ORACLE}
+    # 2 cells x 2 worlds x 1 seed, every method (BASE added) plus the control and oracle.
+    assert len(rows) == 2 * 2 * len(methods)
+    assert {r["method"] for r in rows} == methods
+    assert {(r["selection"], r["world"]) for r in rows} == {
+        (s, w) for s in ("0.0", "1.0") for w in ("0", "1")}
+    for r in rows:
+        assert 0.0 <= float(r["cvr_auc_entire_space"]) <= 1.0, r
+    trained = [r for r in rows if r["method"] not in (benchmark.CONTROL, benchmark.ORACLE)]
+    assert {r["monitor"] for r in trained} == {benchmark.CF_MONITOR}
+    oracle = [r for r in rows if r["method"] == benchmark.ORACLE]
+    assert all(float(r["cvr_auc_entire_space"]) > 0.6 for r in oracle)
+    assert all(r["cvr_logloss_entire_space"] == "nan" for r in rows
+               if r["method"] == benchmark.CONTROL)
+    # The worlds differ: each is simulated with its own data seed.
+    seeds = {json.loads((out / "data" / "selection1-hidden_confounder1-cvr0.2" / f"world{w}"
+                         / "simulation.json").read_text())["seed"] for w in (0, 1)}
+    assert seeds == {2018, 2019}
+    # Evaluated EVALS_PER_EPOCH times per epoch: 2000 rows / batch 500 = 4 steps -> every 1.
+    saved = json.loads(next((out / "runs").rglob("dcmt-seed0/test_result.json")).read_text())
+    assert saved["config"]["train"]["eval_every"] == 1
+    summary = _rows(out / "summary.csv")
+    assert len(summary) == 2 * len(methods)
+    dcmt = next(r for r in summary if r["method"] == "dcmt")
+    for k in ("cvr_auc_entire_space_seed_low", "cvr_auc_entire_space_user_low",
+              "cvr_auc_entire_space_minus_base_mean", "cvr_auc_entire_space_wins"):
+        assert dcmt[k] not in ("", "nan"), k
+    for k in benchmark.CF_METRICS:
+        assert (out / f"{k}.png").read_bytes()[:4] == b"\x89PNG"
+    report = (out / "report.md").read_text()
+    assert "pCTR as pCVR (control)" in report and "p_conversion (oracle)" in report
+    assert f"`{benchmark.CF_MONITOR}`" in report and "95% CI over test users" in report
+
+    def no_training(*a, **k):
+        raise AssertionError("trained again")
+
+    monkeypatch.setattr(benchmark, "train", no_training)
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, _out(res)
+    assert _rows(out / "results.csv") == rows
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--sim-set", "hidden_confounder=1"], "--hidden-confounder"),
+    (["--hidden-confounder", "1,1"], "more than once"),
+    (["--world-seeds", "0"], "world-seeds"),
+    (["--methods", "escm2_ipss"], "escm2_ips"),
+])
+def test_counterfactual_bad_usage_exits_2(tmp_path, args, needle):
+    res = runner.invoke(app, ["benchmark", "counterfactual", *args, "--out",
+                              str(tmp_path / "o")])
+    assert res.exit_code == 2, _out(res)
+    assert needle in _out(res)
+    assert not (tmp_path / "o" / "runs").exists()
+
+
+def test_bias_sweep_world_seeds_pair_runs_within_worlds_and_give_intervals(tmp_path):
+    out = tmp_path / "sweep"
+    knobs = [x for k, v in TINY_WORLD.items() for x in ("--sim-set", f"{k}={v}")]
+    res = runner.invoke(app, ["benchmark", "bias-sweep", "--out", str(out), "--selection",
+                              "1", "--cvr", "0.2", "--seeds", "1", "--world-seeds", "2",
+                              "--rows", "2000", "--methods", "base,esmm", "--boot", "20",
+                              *knobs, *FAST])
+    assert res.exit_code == 0, _out(res)
+    rows = _rows(out / "sweep.csv")
+    assert {(r["method"], r["world"]) for r in rows} == {
+        (m, w) for m in ("base", "esmm", benchmark.CTR_NET) for w in ("0", "1")}
+    seeds = {json.loads((out / "data" / "cvr0.2-sel1" / f"world{w}" / "simulation.json")
+                        .read_text())["seed"] for w in (0, 1)}
+    assert seeds == {2018, 2019}
+    # Both runs share train.seed 0, yet they are two pairs: one per world.
+    intervals = _rows(out / "intervals.csv")
+    esmm = next(r for r in intervals if r["method"] == "esmm")
+    assert esmm["cvr_auc_entire_space_pairs"] == "2"
+    assert {r["method"] for r in intervals} >= {benchmark.CONTROL, benchmark.ORACLE}
+    report = (out / "report.md").read_text()
+    assert "Entire-space CVR with intervals" in report and "p_conversion (oracle)" in report
+    assert "2 world(s) per cell" in report
+
+
+def test_paired_diff_never_pairs_runs_of_different_worlds():
+    rows = [{"method": "base", "seed": 0, "world": 0, "m": 0.5},
+            {"method": "esmm", "seed": 0, "world": 1, "m": 0.9},
+            {"method": "base", "seed": 0, "world": 1, "m": 0.6},
+            {"method": "esmm", "seed": 0, "world": 0, "m": 0.7}]
+    d = benchmark.paired_diff(rows, "esmm", "m")
+    assert sorted(d.round(6).tolist()) == [0.2, 0.3]
+
+
+@pytest.mark.parametrize("cmd", ["paper", "zoo"])
+def test_world_seeds_with_given_data_exit_2(tmp_path, sim_dir, cmd):
+    res = runner.invoke(app, ["benchmark", cmd, "--data", str(sim_dir), "--world-seeds", "2",
+                              "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2, _out(res)
+    assert "--world-seeds 2" in _out(res) and "--data" in _out(res)
+
+
+def test_world_replicates_do_not_depend_on_the_chunking(monkeypatch):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    n = 300
+    t = benchmark.TestScores(truth=(rng.random(n) < 0.3).astype(np.float64),
+                             click=(rng.random(n) < 0.5).astype(np.int8),
+                             conversion=(rng.random(n) < 0.2).astype(np.int8),
+                             users=rng.integers(0, 40, n),
+                             scores={("esmm", 0): rng.random(n), (benchmark.ORACLE, 0):
+                                     rng.random(n)})
+    whole = benchmark.world_replicates(t, 30, seed=1)
+    monkeypatch.setattr(benchmark, "_BOOT_CELLS", 7 * n)  # 7 replicates at a time
+    chunked = benchmark.world_replicates(t, 30, seed=1)
+    for key, metrics in whole.items():
+        for m, v in metrics.items():
+            assert len(v) == 30
+            np.testing.assert_allclose(v, chunked[key][m], rtol=1e-12, atol=1e-15)
+
+
+def test_oracle_interval_counts_each_world_once():
+    import numpy as np
+
+    from esmm import stats
+
+    rows, reps = [], {0: {}, 1: {}, 2: {}}
+    for w, a in enumerate((0.80, 0.84, 0.83)):
+        for s in (0, 1):  # the oracle's score is the same for every seed of a world
+            for m, val in ((benchmark.ORACLE, a), (benchmark.REFERENCE, a - 0.2 + 0.01 * s)):
+                rows.append({"world": w, "seed": s, "method": m, "cvr_auc": val,
+                             "cvr_auc_entire_space": val, "cvr_logloss_entire_space": 0.1})
+                reps[w][(m, s)] = {k: np.array([val]) for k in benchmark.CF_METRICS}
+    out = benchmark.cell_summary(rows, reps, [benchmark.REFERENCE, benchmark.ORACLE], {})
+    oracle = out[1]
+    est = stats.seed_interval([0.80, 0.84, 0.83])
+    assert oracle["cvr_auc_runs"] == 3
+    assert (oracle["cvr_auc_seed_low"], oracle["cvr_auc_seed_high"]) == pytest.approx(
+        (est.low, est.high))

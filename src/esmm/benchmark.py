@@ -85,6 +85,7 @@ CTR_FROM_REFERENCE = tuple(e.name for e in entries() if e.ctr_from_reference)
 REFERENCE = reference_entry().name
 CTR_NET_MODEL = REFERENCE
 _P_CTR_FILE = "test_p_ctr.npy"
+_P_CVR_FILE = "test_p_cvr.npy"
 CLICKED_ONLY_EPOCH_FACTOR = 3
 REPORT_METRICS = ("cvr_auc", "ctcvr_auc", "cvr_auc_entire_space")
 METRIC_TITLE = {"cvr_auc": "CVR AUC (clicked impressions)",
@@ -168,15 +169,16 @@ def split_rows_for(rows: int) -> dict[str, int]:
 
 
 def ensure_simulation(data_dir: Path, preset: str, knobs: dict[str, Any],
-                      rows: int) -> dict[str, Any]:
+                      rows: int, seed: int = SIM_SEED) -> dict[str, Any]:
     """Simulate ``train``/``valid``/``test`` into ``data_dir`` unless the same set is there.
 
-    Returns the content of ``data_dir/simulation.json``.
+    ``seed`` draws the simulated world (its users, items and their factors) and the
+    impressions. Returns the content of ``data_dir/simulation.json``.
     """
     from esmm.data.simulate import get_preset, write_simulation
 
     split_rows = split_rows_for(rows)
-    expect = {"preset": preset, "seed": SIM_SEED, "rows": split_rows, "overrides": knobs}
+    expect = {"preset": preset, "seed": seed, "rows": split_rows, "overrides": knobs}
     if _sim_matches(data_dir, expect):
         log.info("reusing simulated data in %s", data_dir)
     else:
@@ -185,7 +187,7 @@ def ensure_simulation(data_dir: Path, preset: str, knobs: dict[str, Any],
             shutil.rmtree(data_dir)
         log.info("simulating %s impressions into %s (preset %s, knobs %s)", split_rows,
                  data_dir, preset, knobs or "none")
-        info = write_simulation(data_dir, sim, split_rows, SIM_SEED)
+        info = write_simulation(data_dir, sim, split_rows, seed)
         meta = dict(info)
         meta.update(expect)
         write_text(data_dir / "simulation.json", json.dumps(meta, indent=2, default=str))
@@ -306,6 +308,9 @@ def _test_metrics(job: Job, model: Any, cfg: Config, test: EncodedData) -> dict[
     """
     preds = predict_arrays(model, test, cfg.train.eval_batch_size)
     metrics = evaluate_arrays(model, test, preds)
+    # Kept for intervals over test users, computed after all runs of a data set finish.
+    with atomic_write(job.run_dir / _P_CVR_FILE, "wb") as f:
+        np.save(f, preds["p_cvr"])
     if job.method == CTR_NET:
         with atomic_write(job.run_dir / _P_CTR_FILE, "wb") as f:
             np.save(f, preds["p_ctr"])
@@ -460,11 +465,14 @@ def mean_std(x: np.ndarray) -> tuple[float, float]:
 
 def paired_diff(rows: Sequence[dict[str, Any]], method: str, metric: str,
                 against: str = REFERENCE) -> np.ndarray:
-    """Per-seed ``method - against`` of ``metric`` over the seeds both have (nan dropped)."""
-    ref = {r["seed"]: float(r[metric]) for r in rows
-           if r["method"] == against and metric in r}
-    d = np.array([float(r[metric]) - ref[r["seed"]] for r in rows
-                  if r["method"] == method and metric in r and r["seed"] in ref],
+    """Per-run ``method - against`` of ``metric`` over the runs both have (nan dropped); a run
+    is a (world, seed) pair, so runs on different simulated worlds are never paired."""
+    def run(r: dict[str, Any]) -> tuple[Any, Any]:
+        return r.get("world", 0), r["seed"]
+
+    ref = {run(r): float(r[metric]) for r in rows if r["method"] == against and metric in r}
+    d = np.array([float(r[metric]) - ref[run(r)] for r in rows
+                  if r["method"] == method and metric in r and run(r) in ref],
                  dtype=np.float64)
     return d[~np.isnan(d)]
 
@@ -649,7 +657,8 @@ def run_paper(out: str | Path, *, data: str | Path | None = None, seeds: int = 3
               methods: Sequence[str] = PAPER_METHODS, overrides: Sequence[str] = (),
               rows: int | None = None, preset: str = "aliccp",
               knobs: dict[str, Any] | None = None, budgets: dict[str, int] | None = None,
-              fresh: bool = False, keep_checkpoints: bool = False) -> str:
+              fresh: bool = False, keep_checkpoints: bool = False, world_seeds: int = 1,
+              n_boot: int = 200) -> str:
     """Run the paper benchmark into ``out``; returns the Markdown report.
 
     Args:
@@ -660,6 +669,8 @@ def run_paper(out: str | Path, *, data: str | Path | None = None, seeds: int = 3
         budgets: epoch cap per method (default: see :func:`epoch_budget`).
         fresh: retrain runs that a previous call finished.
         keep_checkpoints: keep each run's ``checkpoints/`` (default: deleted once measured).
+        world_seeds: simulated worlds (data seeds ``SIM_SEED + w``); each runs every seed.
+        n_boot: bootstrap replicates over test users for the interval tables.
     """
     if seeds < 1:
         raise UsageError(f"--seeds {seeds}: need at least 1")
@@ -669,21 +680,25 @@ def run_paper(out: str | Path, *, data: str | Path | None = None, seeds: int = 3
     knobs = dict(knobs or {})
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    data_dir, source = _benchmark_data(out, data, rows, preset, knobs)
-    tree = base_tree(data_dir, overrides)
-    cfg0 = config_from_dict(tree, "benchmark config")
-    jobs = make_jobs(tree, methods, seeds, out / "runs", budgets, overrides)
+    where, source = world_jobs(
+        out, data, rows, preset, knobs, world_seeds, overrides,
+        lambda tree, runs, extra: make_jobs(tree, methods, seeds, runs, budgets, overrides,
+                                            extra=extra))
+    jobs = where[0][3]
+    cfg0 = config_from_dict(jobs[0].tree, "benchmark config")
     progress = _progress_enabled(cfg0.train.progress)
-    results = run_jobs([(data_dir, jobs)], fresh=fresh, progress=progress,
+    results = run_jobs([(d, j) for _, _, d, j in where], fresh=fresh, progress=progress,
                        keep_checkpoints=keep_checkpoints)
 
     metrics = _present(results, REPORT_METRICS)
     write_csv(out / "results.csv", results)
     paper_chart(out / "auc.png", results, methods, metrics, seeds)
     header = [source, "", *_setup_lines(cfg0, methods, budgets, overrides, jobs), "",
-              f"Seeds: {seeds} (train.seed {cfg0.train.seed} to {cfg0.train.seed + seeds - 1}; "
-              f"same data). Total time {time.perf_counter() - t0:.0f} s."]
-    text = paper_report(results, methods, seeds, header)
+              f"Seeds: {seeds} (train.seed {cfg0.train.seed} to {cfg0.train.seed + seeds - 1})"
+              f" on each of {world_seeds} world(s). Total time "
+              f"{time.perf_counter() - t0:.0f} s."]
+    text = paper_report(results, methods, seeds * world_seeds, header)
+    text += "\n".join(interval_section(results, where, methods, n_boot, out)) + "\n"
     write_text(out / "report.md", text)
     log.info("wrote %s, %s and %s", out / "results.csv", out / "report.md", out / "auc.png")
     return text
@@ -777,15 +792,19 @@ def run_bias_sweep(out: str | Path, *, selection: Sequence[float] = (0.0, 0.5, 1
                    rows: int = 200_000, methods: Sequence[str] = SWEEP_METHODS,
                    preset: str = "dense", knobs: dict[str, Any] | None = None,
                    overrides: Sequence[str] = (), budgets: dict[str, int] | None = None,
-                   fresh: bool = False, keep_checkpoints: bool = False) -> str:
-    """Train ``methods`` on one simulated set per (cvr, selection) and chart the metrics.
+                   fresh: bool = False, keep_checkpoints: bool = False,
+                   world_seeds: int = 1, n_boot: int = 200) -> str:
+    """Train ``methods`` on simulated sets per (cvr, selection) and chart the metrics.
 
-    Every cell uses the same simulator seed, so the worlds differ only in the two knobs.
+    World w of every cell uses simulator seed ``SIM_SEED + w``, so the cells differ only in
+    the two knobs (``world_seeds`` worlds per cell; one keeps the folders of earlier calls).
     Writes ``sweep.csv`` (one row per cell, method and seed), ``summary.csv``, ``report.md``
     and ``<metric>.png`` into ``out``; returns the report.
     """
     if seeds < 1:
         raise UsageError(f"--seeds {seeds}: need at least 1")
+    if world_seeds < 1:
+        raise UsageError(f"--world-seeds {world_seeds}: need at least 1")
     out = Path(out)
     methods = parse_methods(list(methods), SWEEP_METHODS)
     knobs = dict(knobs or {})
@@ -804,18 +823,21 @@ def run_bias_sweep(out: str | Path, *, selection: Sequence[float] = (0.0, 0.5, 1
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     cells = [(c, s) for c in cvr for s in selection]
-    groups = []
+    where = []
     sim_stats = {}
-    cfg0 = None
     for c, s in cells:
-        data_dir = out / "data" / _cell_name(c, s)
-        meta = ensure_simulation(data_dir, preset, {**knobs, "selection": s, "cvr": c}, rows)
-        sim_stats[(c, s)] = _split_stats(meta, "train")
-        tree = base_tree(data_dir, overrides)
-        cfg0 = cfg0 or config_from_dict(tree, "benchmark config")
-        jobs = make_jobs(tree, methods, seeds, out / "runs" / _cell_name(c, s), budgets,
-                         overrides, extra={"cvr": c, "selection": s})
-        groups.append((data_dir, jobs))
+        for w in range(world_seeds):
+            sub = _cell_name(c, s) if world_seeds == 1 else f"{_cell_name(c, s)}/world{w}"
+            meta = ensure_simulation(out / "data" / sub, preset,
+                                     {**knobs, "selection": s, "cvr": c}, rows,
+                                     seed=SIM_SEED + w)
+            sim_stats.setdefault((c, s), _split_stats(meta, "train"))
+            tree = _evals_per_epoch(base_tree(out / "data" / sub, overrides), rows)
+            jobs = make_jobs(tree, methods, seeds, out / "runs" / sub, budgets, overrides,
+                             extra={"cvr": c, "selection": s, "world": w})
+            where.append(({"cvr": c, "selection": s}, w, out / "data" / sub, jobs))
+    groups = [(d, j) for _, _, d, j in where]
+    cfg0 = config_from_dict(groups[0][1][0].tree, "benchmark config")
     progress = _progress_enabled(cfg0.train.progress)
     results = run_jobs(groups, fresh=fresh, progress=progress,
                        keep_checkpoints=keep_checkpoints)
@@ -827,13 +849,14 @@ def run_bias_sweep(out: str | Path, *, selection: Sequence[float] = (0.0, 0.5, 1
     for k in metrics:
         sweep_chart(out / f"{k}.png", summary, methods, cvr, selection, k)
     header = [
-        f"Simulator preset `{preset}`, knobs {knobs or 'none'} plus the grid; data seed "
-        f"{SIM_SEED}; splits {split_rows_for(rows)} per cell. Seeds per method: {seeds}. "
+        f"Simulator preset `{preset}`, knobs {knobs or 'none'} plus the grid; {world_seeds} "
+        f"world(s) per cell (data seeds {SIM_SEED} to {SIM_SEED + world_seeds - 1}); splits "
+        f"{split_rows_for(rows)} per world. Seeds per method and world: {seeds}. "
         f"Total time {time.perf_counter() - t0:.0f} s.",
         "",
         *_setup_lines(cfg0, methods, budgets, overrides, groups[0][1]),
         "",
-        "Simulated training splits per cell:",
+        "Simulated training splits per cell (world 0):",
         "",
         "| cvr | selection | ctr | conversions per click | clicks | conversions |",
         "|---:|---:|---:|---:|---:|---:|",
@@ -843,6 +866,7 @@ def run_bias_sweep(out: str | Path, *, selection: Sequence[float] = (0.0, 0.5, 1
                       f"{st.get('conversions_per_click', math.nan):.4f} | "
                       f"{st.get('clicks', '')} | {st.get('conversions', '')} |")
     text = sweep_report(summary, methods, cells, metrics, header)
+    text += "\n".join(interval_section(results, where, methods, n_boot, out)) + "\n"
     write_text(out / "report.md", text)
     log.info("wrote %s", ", ".join(str(out / n) for n in (
         "sweep.csv", "summary.csv", "report.md", *(f"{k}.png" for k in metrics))))
@@ -971,7 +995,8 @@ def run_zoo(out: str | Path, *, data: str | Path | None = None, seeds: int = 3,
             methods: Sequence[str] = ZOO_METHODS, overrides: Sequence[str] = (),
             rows: int | None = None, preset: str = "aliccp",
             knobs: dict[str, Any] | None = None, budgets: dict[str, int] | None = None,
-            fresh: bool = False, keep_checkpoints: bool = False) -> str:
+            fresh: bool = False, keep_checkpoints: bool = False, world_seeds: int = 1,
+            n_boot: int = 200) -> str:
     """Run the seesaw benchmark into ``out``; returns the Markdown report.
 
     Every model of ``methods`` (default: the reference, every zoo backbone under its own head
@@ -987,32 +1012,37 @@ def run_zoo(out: str | Path, *, data: str | Path | None = None, seeds: int = 3,
     knobs = dict(knobs or {})
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    data_dir, source = _benchmark_data(out, data, rows, preset, knobs)
-    tree = base_tree(data_dir, overrides)
-    cfg0 = config_from_dict(tree, "benchmark config")
     budgets = dict(budgets or {})
-    jobs = make_jobs(tree, methods, seeds, out / "runs", budgets, overrides,
-                     monitor=ZOO_MONITOR, clicked_only_factor=1)
-    results = run_jobs([(data_dir, jobs)], fresh=fresh,
+    where, source = world_jobs(
+        out, data, rows, preset, knobs, world_seeds, overrides,
+        lambda tree, runs, extra: make_jobs(tree, methods, seeds, runs, budgets, overrides,
+                                            extra=extra, monitor=ZOO_MONITOR,
+                                            clicked_only_factor=1))
+    jobs = where[0][3]
+    cfg0 = config_from_dict(jobs[0].tree, "benchmark config")
+    results = run_jobs([(d, j) for _, _, d, j in where], fresh=fresh,
                        progress=_progress_enabled(cfg0.train.progress),
                        keep_checkpoints=keep_checkpoints)
     write_csv(out / "results.csv", results)
     seesaw_chart(out / "seesaw.png", results, methods)
     header = [source, "", *_setup_lines(cfg0, methods, budgets, overrides, jobs), "",
-              f"Seeds: {seeds} (train.seed {cfg0.train.seed} to {cfg0.train.seed + seeds - 1}; "
-              f"same data). Every model: epoch cap `train.epochs`, early stopping on "
-              f"`{ZOO_MONITOR}` of the validation split. Total time "
+              f"Seeds: {seeds} (train.seed {cfg0.train.seed} to {cfg0.train.seed + seeds - 1})"
+              f" on each of {world_seeds} world(s). Every model: epoch cap `train.epochs`, "
+              f"early stopping on `{ZOO_MONITOR}` of the validation split. Total time "
               f"{time.perf_counter() - t0:.0f} s."]
-    text = zoo_report(results, methods, seeds, header)
+    text = zoo_report(results, methods, seeds * world_seeds, header)
+    text += "\n".join(interval_section(results, where, methods, n_boot, out)) + "\n"
     write_text(out / "report.md", text)
     log.info("wrote %s, %s and %s", out / "results.csv", out / "report.md", out / "seesaw.png")
     return text
 
 
 def _benchmark_data(out: Path, data: str | Path | None, rows: int | None, preset: str,
-                    knobs: dict[str, Any]) -> tuple[Path, str]:
-    """The benchmark's data folder (given, or simulated into ``out/data``) and a sentence
-    describing it."""
+                    knobs: dict[str, Any], world: int = 0, world_seeds: int = 1
+                    ) -> tuple[Path, str]:
+    """The benchmark's data folder (given, or simulated into ``out/data``, or
+    ``out/data/world<w>`` with several worlds, world w with data seed ``SIM_SEED + w``) and a
+    sentence describing it."""
     if data is not None:
         if rows is not None or knobs:
             raise UsageError("--rows and --sim-set describe simulated data; they cannot be "
@@ -1020,8 +1050,477 @@ def _benchmark_data(out: Path, data: str | Path | None, rows: int | None, preset
         data_dir = Path(data)
         check_data_dir(data_dir)
         return data_dir, f"Data: `{data_dir}` (train / valid / test)."
-    data_dir = out / "data"
-    meta = ensure_simulation(data_dir, preset, knobs, rows or DEMO_ROWS)
-    return data_dir, (f"Data: simulated, preset `{preset}`, knobs {knobs or 'none'}, data seed "
-                      f"{SIM_SEED}, splits {split_rows_for(rows or DEMO_ROWS)}. Test split: "
-                      + json.dumps(_split_stats(meta, "test"), default=str))
+    data_dir = out / "data" if world_seeds == 1 else out / "data" / f"world{world}"
+    meta = ensure_simulation(data_dir, preset, knobs, rows or DEMO_ROWS, seed=SIM_SEED + world)
+    seeds = (f"data seed {SIM_SEED}" if world_seeds == 1 else
+             f"{world_seeds} worlds (data seeds {SIM_SEED} to {SIM_SEED + world_seeds - 1})")
+    return data_dir, (f"Data: simulated, preset `{preset}`, knobs {knobs or 'none'}, {seeds}, "
+                      f"splits {split_rows_for(rows or DEMO_ROWS)}. Test split (world "
+                      f"{world}): " + json.dumps(_split_stats(meta, "test"), default=str))
+
+
+def world_jobs(out: Path, data: str | Path | None, rows: int | None, preset: str,
+               knobs: dict[str, Any], world_seeds: int, overrides: Sequence[str],
+               jobs_for: Callable[[dict[str, Any], Path, dict[str, Any]], list[Job]]
+               ) -> tuple[list[tuple[dict[str, float], int, Path, list[Job]]], str]:
+    """The data folder and runs of every world of a one-data-set benchmark (paper, zoo).
+
+    ``jobs_for(tree, runs_dir, extra)`` makes one world's jobs. One world keeps the folders
+    ``out/data`` and ``out/runs``; several put each under ``world<w>``. Simulated data are
+    evaluated ``EVALS_PER_EPOCH`` times per epoch (given data: once per epoch, its size
+    unknown before loading). Returns ``(cell, world, data folder, jobs)`` per world and the
+    data sentence.
+    """
+    if world_seeds < 1:
+        raise UsageError(f"--world-seeds {world_seeds}: need at least 1")
+    if data is not None and world_seeds > 1:
+        raise UsageError(f"--world-seeds {world_seeds}: a world is a simulated data set; it "
+                         "cannot be combined with --data (expected --world-seeds 1)")
+    where = []
+    source = ""
+    for w in range(world_seeds):
+        data_dir, text = _benchmark_data(out, data, rows, preset, knobs, w, world_seeds)
+        source = source or text
+        tree = base_tree(data_dir, overrides)
+        if data is None:
+            tree = _evals_per_epoch(tree, rows or DEMO_ROWS)
+        runs = out / "runs" if world_seeds == 1 else out / "runs" / f"world{w}"
+        where.append(({}, w, data_dir, jobs_for(tree, runs, {"world": w})))
+    return where, source
+
+
+def interval_section(results: Sequence[dict[str, Any]],
+                     where: Sequence[tuple[dict[str, float], int, Path, list[Job]]],
+                     methods: Sequence[str], n_boot: int, out: Path) -> list[str]:
+    """Markdown lines of the entire-space tables with intervals (see
+    :func:`counterfactual_report`), the control and oracle rows included, and
+    ``out/intervals.csv``; empty when the test split has no simulator ground truth."""
+    cfg = config_from_dict(where[0][3][0].tree, "benchmark config")
+    test = load_split(cfg.data.test, spec_from_config(cfg), cfg.data)
+    if not test.ground_truth or "conversion_if_clicked" not in test.ground_truth:
+        return []
+    rows_all, summary = _counterfactual_stats(results, where, methods, n_boot)
+    write_csv(out / "intervals.csv", summary, first=(*where[0][0], "method"))
+    cells = list({_cell_dir(c): c for c, *_ in where}.values())
+    lines = ["## Entire-space CVR with intervals", "", INTERVALS_NOTE, ""]
+    for cell in cells:
+        rows = [r for r in summary if all(r.get(k) == v for k, v in cell.items())]
+        if cell:
+            lines += ["### " + ", ".join(f"{k} {v:g}" for k, v in cell.items()), ""]
+        for k in CF_METRICS:
+            lines += [f"#### {CF_TITLE[k]} (`{k}`)", "", *cell_table(rows, k), ""]
+    return lines
+
+
+# ----------------------------------------------------------------------------- counterfactual
+
+# Every CVR method: the paper's (BASE, its baselines, ESMM-NS, ESMM) and the counterfactual
+# estimators; two reference rows are scored without training: the control (the seed's CTR
+# net's pCTR used as pCVR: what click propensity alone earns) and the oracle (the simulator's
+# true p_conversion: the ceiling).
+COUNTERFACTUAL_METHODS = tuple(dict.fromkeys(
+    (*PAPER_METHODS, *(e.name for e in entries("counterfactual")))))
+CONTROL = "pctr_as_pcvr"
+ORACLE = "p_conversion"
+DISPLAY.update({CONTROL: "pCTR as pCVR (control)", ORACLE: "p_conversion (oracle)"})
+CF_METRICS = ("cvr_auc_entire_space", "cvr_logloss_entire_space", "cvr_auc")
+CF_TITLE = {"cvr_auc_entire_space": "CVR AUC over all impressions against "
+            "conversion_if_clicked",
+            "cvr_logloss_entire_space": "CVR log loss over all impressions against "
+            "conversion_if_clicked",
+            "cvr_auc": "CVR AUC on clicked impressions"}
+LOWER_IS_BETTER = frozenset({"cvr_logloss_entire_space"})
+# Evaluations on the validation split per epoch: early stopping chooses among several
+# checkpoints even when the best one falls in the first epoch.
+EVALS_PER_EPOCH = 4
+# One early-stopping protocol for every method: validation CTR AUC + CVR AUC (clicked rows),
+# observable without ground truth; the reference CTR net stops on ``ctr_auc``.
+CF_MONITOR = "ctr_auc+cvr_auc"
+CF_GRID = {"selection": (0.0, 0.5, 1.0), "hidden_confounder": (0.0, 1.0),
+           "cvr": (0.1, 0.02)}
+
+
+def replicate_aucs(labels: np.ndarray, scores: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Weighted AUC of ``scores`` (N,) against 0/1 ``labels`` (N,) under each row of
+    ``weights`` (C, N): (C,), nan where a replicate lacks a class. Ties count one half, as in
+    :func:`esmm.metrics.auc`; one sort serves every replicate."""
+    order = np.argsort(scores, kind="stable")
+    s = scores[order]
+    starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])
+    y = labels[order].astype(np.float64)
+    w = weights[:, order]
+    pos = np.add.reduceat(w * y, starts, axis=1)  # (C, G) positives per tie group
+    neg = np.add.reduceat(w * (1.0 - y), starts, axis=1)
+    below = np.cumsum(neg, axis=1) - neg
+    num = (pos * (below + 0.5 * neg)).sum(axis=1)
+    den = pos.sum(axis=1) * neg.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
+
+
+def _row_logloss(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """Per-row binary cross-entropy (N,), probabilities clipped as :func:`metrics.logloss`."""
+    p = np.clip(probs, np.finfo(np.float64).eps, 1.0 - np.finfo(np.float64).eps)
+    return -(labels * np.log(p) + (1.0 - labels) * np.log1p(-p))
+
+
+@dataclass
+class TestScores:
+    """The test split of one simulated world and every pCVR scored on it.
+
+    ``scores[(method, seed)]``: (N,) pCVR of one run (the control's is its CTR net's pCTR,
+    the oracle's the true ``p_conversion``); ``truth``: ``conversion_if_clicked`` (N,);
+    ``click``, ``conversion``: (N,) labels; ``users``: (N,) user id per row.
+    """
+
+    truth: np.ndarray
+    click: np.ndarray
+    conversion: np.ndarray
+    users: np.ndarray
+    scores: dict[tuple[str, int], np.ndarray]
+
+
+def score_metrics(t: TestScores, key: tuple[str, int], w: np.ndarray) -> dict[str, np.ndarray]:
+    """``CF_METRICS`` of one score under row weights ``w`` (C, N): each (C,). The control's
+    log loss is nan: pCTR is on the click scale, so its log loss would measure the scale."""
+    p = t.scores[key]
+    clicked = t.click > 0
+    out = {"cvr_auc_entire_space": replicate_aucs(t.truth, p, w),
+           "cvr_auc": replicate_aucs(t.conversion[clicked], p[clicked], w[:, clicked])}
+    if key[0] == CONTROL:
+        out["cvr_logloss_entire_space"] = np.full(len(w), np.nan)
+    else:
+        out["cvr_logloss_entire_space"] = (w @ _row_logloss(t.truth, p)) / w.sum(axis=1)
+    return out
+
+
+def load_test_scores(cfg: Config, jobs: Sequence[Job], seeds: Sequence[int]) -> TestScores:
+    """The test split's labels and ground truth, and the saved pCVR of every run in ``jobs``
+    (plus the control and the oracle per seed)."""
+    test = load_split(cfg.data.test, spec_from_config(cfg), cfg.data)
+    gt = test.ground_truth or {}
+    missing = [k for k in ("conversion_if_clicked", "p_conversion") if k not in gt]
+    if missing:
+        raise DataError(f"{cfg.data.test}: no ground truth {missing}; the counterfactual "
+                        "benchmark needs simulated data")
+    scores: dict[tuple[str, int], np.ndarray] = {}
+    for job in jobs:
+        name = CONTROL if job.method == CTR_NET else job.method
+        path = job.run_dir / (_P_CTR_FILE if job.method == CTR_NET else _P_CVR_FILE)
+        if not path.is_file():
+            raise DataError(f"{path} is missing: the run finished before test predictions "
+                            "were kept; rerun with --fresh")
+        scores[(name, job.seed)] = np.load(path).astype(np.float64)
+    for seed in seeds:
+        scores[(ORACLE, seed)] = np.asarray(gt["p_conversion"], dtype=np.float64)
+    users = test.groups if test.groups is not None else np.arange(test.n)
+    return TestScores(truth=np.asarray(gt["conversion_if_clicked"], dtype=np.float64),
+                      click=np.asarray(test.click), conversion=np.asarray(test.conversion),
+                      users=np.asarray(users), scores=scores)
+
+
+_BOOT_CELLS = 1 << 22
+
+
+def world_replicates(t: TestScores, n_boot: int, seed: int
+                     ) -> dict[tuple[str, int], dict[str, np.ndarray]]:
+    """Each score's ``CF_METRICS`` on ``n_boot`` resamples of the test users (the same
+    resamples for every score, so differences are paired): key -> metric -> (n_boot,)."""
+    from esmm.stats import bootstrap_counts
+
+    codes = np.unique(t.users, return_inverse=True)[1]
+    n_users = int(codes.max()) + 1 if len(codes) else 0
+    parts: dict[tuple[str, int], dict[str, list[np.ndarray]]] = {
+        k: {m: [] for m in CF_METRICS} for k in t.scores}
+    # (C, N) weights are built a few replicates at a time: C * N stays near 4M cells (32 MB).
+    step = max(1, _BOOT_CELLS // max(1, len(codes)))
+    for counts in bootstrap_counts(n_users, n_boot, seed):
+        for lo in range(0, len(counts), step):
+            w = counts[lo:lo + step, codes].astype(np.float64)  # row weights per replicate
+            for key in t.scores:
+                for m, v in score_metrics(t, key, w).items():
+                    parts[key][m].append(v)
+    return {k: {m: np.concatenate(v) for m, v in d.items()} for k, d in parts.items()}
+
+
+def _interval(x: np.ndarray) -> tuple[float, float]:
+    x = x[~np.isnan(x)]
+    if len(x) == 0:
+        return math.nan, math.nan
+    lo, hi = np.percentile(x, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def cell_summary(rows: Sequence[dict[str, Any]], reps: dict[int, dict], methods: Sequence[str],
+                 cell: dict[str, float]) -> list[dict[str, Any]]:
+    """One summary row per method of a cell: per metric the mean over runs (worlds x
+    seeds), the 95% Student-t interval across runs (``esmm.stats.seed_interval``), the 95%
+    bootstrap interval over test users (``reps``: world -> key -> metric -> replicates; users
+    resampled within each world, the replicate of the cell is the mean of its runs), and the
+    paired difference from BASE over the same (world, seed) pairs with its interval and wins
+    (``esmm.stats.paired_difference``)."""
+    from esmm.stats import paired_difference, seed_interval
+
+    def values(method: str, metric: str) -> dict[tuple[int, int], float]:
+        return {(r["world"], r["seed"]): float(r[metric]) for r in rows
+                if r["method"] == method and metric in r and not math.isnan(float(r[metric]))}
+
+    out = []
+    for m in methods:
+        row: dict[str, Any] = {**cell, "method": m}
+        for k in CF_METRICS:
+            v = values(m, k)
+            x = np.array(list(v.values()))
+            if m == ORACLE:  # one value per world: its seeds are copies, not new draws
+                x = np.array(list({w: val for (w, _), val in v.items()}.values()))
+            row[f"{k}_mean"] = float(x.mean()) if len(x) else math.nan
+            row[f"{k}_runs"] = len(x)
+            est = seed_interval(x) if len(x) >= 2 else None
+            row[f"{k}_seed_low"] = est.low if est else math.nan
+            row[f"{k}_seed_high"] = est.high if est else math.nan
+            user_reps = [np.mean([reps[w][(m, s)][k] for (w2, s) in v if w2 == w], axis=0)
+                         for w in sorted({w for w, _ in v})]
+            lo, hi = _interval(np.mean(user_reps, axis=0)) if user_reps else (math.nan,
+                                                                             math.nan)
+            row[f"{k}_user_low"], row[f"{k}_user_high"] = lo, hi
+            ref = values(REFERENCE, k)
+            pairs = sorted(set(v) & set(ref))
+            if m != REFERENCE and len(pairs) >= 2:
+                d = paired_difference([v[p] for p in pairs], [ref[p] for p in pairs],
+                                      higher_is_better=k not in LOWER_IS_BETTER)
+                row.update({f"{k}_minus_base_mean": d.mean, f"{k}_minus_base_low": d.low,
+                            f"{k}_minus_base_high": d.high, f"{k}_wins": d.wins,
+                            f"{k}_pairs": d.n})
+        out.append(row)
+    return out
+
+
+def _ci(row: dict[str, Any], k: str, kind: str) -> str:
+    lo, hi = row.get(f"{k}_{kind}_low", math.nan), row.get(f"{k}_{kind}_high", math.nan)
+    if math.isnan(lo):
+        return ""
+    return f"[{100 * lo:.2f}, {100 * hi:.2f}]" if "auc" in k else f"[{lo:.4f}, {hi:.4f}]"
+
+
+def _fmt(k: str, x: float, signed: bool = False) -> str:
+    if math.isnan(x):
+        return "nan"
+    if "auc" in k:
+        return f"{100 * x:+.2f}" if signed else f"{100 * x:.2f}"
+    return f"{x:+.4f}" if signed else f"{x:.4f}"
+
+
+def cell_table(summary: Sequence[dict[str, Any]], metric: str) -> list[str]:
+    """Markdown lines of one cell and metric: every method's mean, both intervals and its
+    paired difference from BASE with its interval and wins."""
+    lines = ["| method | mean | 95% CI across runs | 95% CI over test users | "
+             f"- {DISPLAY[REFERENCE]} | its 95% CI | wins |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in summary:
+        k = metric
+        diff = r.get(f"{k}_minus_base_mean", math.nan)
+        lo, hi = r.get(f"{k}_minus_base_low", math.nan), r.get(f"{k}_minus_base_high", math.nan)
+        ci = "" if math.isnan(lo) else f"[{_fmt(k, lo, True)}, {_fmt(k, hi, True)}]"
+        wins = (f"{r[f'{k}_wins']}/{r[f'{k}_pairs']}" if f"{k}_wins" in r else "")
+        lines.append(f"| {DISPLAY.get(r['method'], r['method'])} | {_fmt(k, r[f'{k}_mean'])} | "
+                     f"{_ci(r, k, 'seed')} | {_ci(r, k, 'user')} | "
+                     f"{'' if math.isnan(diff) else _fmt(k, diff, True)} | {ci} | {wins} |")
+    return lines
+
+
+INTERVALS_NOTE = (
+    "Every table: the mean over runs (worlds x seeds); the 95% Student-t interval across "
+    "runs; the 95% bootstrap interval resampling the test split's users within each world "
+    "(the same resamples for every method); the paired difference from "
+    f"{DISPLAY[REFERENCE]} over the same (world, seed) runs with its 95% interval and the "
+    "runs it wins. AUCs in %; log loss in nats (lower is better; the control has none: pCTR "
+    "is on the click scale). The control row scores the seed's CTR net's pCTR as pCVR; the "
+    "oracle row scores the simulator's true `p_conversion`.")
+_REFERENCE_STYLE = {CONTROL: {"linestyle": ":", "color": "grey"},
+                    ORACLE: {"linestyle": "--", "color": "black"}}
+
+
+def counterfactual_chart(path: Path, summary: Sequence[dict[str, Any]],
+                         methods: Sequence[str], grid: dict[str, Sequence[float]],
+                         metric: str) -> None:
+    """``metric`` against selection, one panel per (hidden confounder, cvr), one line per
+    method with its 95% interval across runs as a band."""
+    plt = _pyplot()
+    hs, cs, ss = grid["hidden_confounder"], grid["cvr"], grid["selection"]
+    fig, axes = plt.subplots(len(hs), len(cs), figsize=(max(7.0, 4.8 * len(cs)), 3.8 * len(hs)),
+                             squeeze=False, sharey=True)
+    by = {(r["hidden_confounder"], r["cvr"], r["selection"], r["method"]): r for r in summary}
+    colors = plt.get_cmap("tab20")
+    for i, h in enumerate(hs):
+        for j, c in enumerate(cs):
+            ax = axes[i][j]
+            for n, m in enumerate(methods):
+                rs = [by.get((h, c, s, m)) for s in ss]
+                y = [r[f"{metric}_mean"] if r else math.nan for r in rs]
+                lo = [r[f"{metric}_seed_low"] if r else math.nan for r in rs]
+                hi = [r[f"{metric}_seed_high"] if r else math.nan for r in rs]
+                style = _REFERENCE_STYLE.get(m, {"color": colors(n % 20)})
+                ax.plot(ss, y, marker="o", label=DISPLAY.get(m, m), **style)
+                ax.fill_between(ss, lo, hi, alpha=0.15, color=style["color"])
+            ax.set_title(f"hidden_confounder {h:g}, cvr {c:g}", fontsize=9)
+            ax.set_xlabel("selection")
+            ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(metric)
+    axes[0][-1].legend(fontsize=7, loc="best")
+    fig.suptitle(f"{CF_TITLE.get(metric, metric)}\nmean and 95% interval across runs",
+                 fontsize=10)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
+def _cf_grid(selection: Sequence[float], hidden_confounder: Sequence[float],
+             cvr: Sequence[float]) -> dict[str, list[float]]:
+    grid = {"selection": [float(x) for x in selection],
+            "hidden_confounder": [float(x) for x in hidden_confounder],
+            "cvr": [float(x) for x in cvr]}
+    for k, v in grid.items():
+        if not v:
+            raise UsageError(f"--{k.replace('_', '-')}: no value given")
+        if len(set(v)) != len(v):
+            raise UsageError(f"--{k.replace('_', '-')} {v}: a value is listed more than once")
+    return grid
+
+
+def _cell_dir(cell: dict[str, float]) -> str:
+    return "-".join(f"{k}{v:g}" for k, v in cell.items())
+
+
+def _evals_per_epoch(tree: dict[str, Any], train_rows: int) -> dict[str, Any]:
+    """``tree`` evaluated ``EVALS_PER_EPOCH`` times per epoch (unless ``--set`` chose)."""
+    if tree["train"].get("eval_every") is None:
+        steps = max(1, math.ceil(train_rows / int(tree["train"]["batch_size"])))
+        tree = {**tree, "train": {**tree["train"],
+                                  "eval_every": max(1, steps // EVALS_PER_EPOCH)}}
+    return tree
+
+
+def _check_counterfactual_args(seeds: int, world_seeds: int, n_boot: int,
+                               knobs: dict[str, Any]) -> None:
+    if seeds < 1:
+        raise UsageError(f"--seeds {seeds}: need at least 1")
+    if world_seeds < 1:
+        raise UsageError(f"--world-seeds {world_seeds}: need at least 1")
+    if n_boot < 1:
+        raise UsageError(f"--boot {n_boot}: need at least 1 bootstrap replicate")
+    clash = sorted(set(CF_GRID) & set(knobs))
+    if clash:
+        raise UsageError(f"--sim-set {clash}: the grid sets these knobs itself; use "
+                         "--selection, --hidden-confounder and --cvr")
+
+
+def run_counterfactual(out: str | Path, *, selection: Sequence[float] = CF_GRID["selection"],
+                       hidden_confounder: Sequence[float] = CF_GRID["hidden_confounder"],
+                       cvr: Sequence[float] = CF_GRID["cvr"], world_seeds: int = 3,
+                       seeds: int = 2, rows: int = 100_000,
+                       methods: Sequence[str] = COUNTERFACTUAL_METHODS,
+                       preset: str = "dense", knobs: dict[str, Any] | None = None,
+                       overrides: Sequence[str] = (), budgets: dict[str, int] | None = None,
+                       n_boot: int = 500, fresh: bool = False,
+                       keep_checkpoints: bool = False) -> str:
+    """Every CVR method over a grid of observed selection x hidden confounder x conversion
+    rate, ``world_seeds`` simulated worlds x ``seeds`` training seeds per cell.
+
+    World ``w`` of every cell is simulated with seed ``SIM_SEED + w``, so cells differ only in
+    their knobs and worlds only in their seed. Every method has the same epoch cap and early
+    stopping (``CF_MONITOR``, ``EVALS_PER_EPOCH`` evaluations per epoch). Writes
+    ``results.csv`` (every run, every metric, and the control and oracle rows),
+    ``summary.csv`` (per cell and method: means, intervals, paired differences),
+    ``report.md`` and one line chart per metric (``<metric>.png``); finished runs in
+    ``out/runs`` are reused. Returns the report.
+    """
+    knobs = dict(knobs or {})
+    _check_counterfactual_args(seeds, world_seeds, n_boot, knobs)
+    out = Path(out)
+    methods = parse_methods(list(methods), COUNTERFACTUAL_METHODS)
+    if REFERENCE not in methods:
+        methods = [REFERENCE, *methods]  # the paired differences are taken against it
+    grid = _cf_grid(selection, hidden_confounder, cvr)
+    budgets = dict(budgets or {})
+    from esmm.data.simulate import get_preset
+
+    cells = [{"selection": s, "hidden_confounder": h, "cvr": c}
+             for c in grid["cvr"] for h in grid["hidden_confounder"] for s in grid["selection"]]
+    for cell in cells:  # validate the whole grid before any work
+        get_preset(preset, **knobs, **cell)
+    t0 = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    groups: list[tuple[Path, list[Job]]] = []
+    where: list[tuple[dict[str, float], int, Path, list[Job]]] = []
+    cfg0 = None
+    for cell in cells:
+        for w in range(world_seeds):
+            data_dir = out / "data" / _cell_dir(cell) / f"world{w}"
+            ensure_simulation(data_dir, preset, {**knobs, **cell}, rows, seed=SIM_SEED + w)
+            tree = _evals_per_epoch(base_tree(data_dir, overrides), rows)
+            cfg0 = cfg0 or config_from_dict(tree, "benchmark config")
+            jobs = make_jobs(tree, methods, seeds, out / "runs" / _cell_dir(cell) / f"world{w}",
+                             budgets, overrides, extra={**cell, "world": w},
+                             monitor=CF_MONITOR, clicked_only_factor=1)
+            groups.append((data_dir, jobs))
+            where.append((cell, w, data_dir, jobs))
+    results = run_jobs(groups, fresh=fresh, progress=_progress_enabled(cfg0.train.progress),
+                       keep_checkpoints=keep_checkpoints)
+    rows_all, summary = _counterfactual_stats(results, where, methods, n_boot)
+    shown = [*methods, CONTROL, ORACLE]
+    write_csv(out / "results.csv", rows_all, first=(*CF_GRID, "world"))
+    write_csv(out / "summary.csv", summary, first=(*CF_GRID, "method"))
+    for k in CF_METRICS:
+        counterfactual_chart(out / f"{k}.png", summary, shown, grid, k)
+    header = [f"Simulator preset `{preset}`, knobs {knobs or 'none'} plus the grid; "
+              f"{world_seeds} world(s) per cell (data seeds {SIM_SEED} to "
+              f"{SIM_SEED + world_seeds - 1}) x {seeds} training seed(s); splits "
+              f"{split_rows_for(rows)} per world; {n_boot} bootstrap replicates over test "
+              f"users. Total time {time.perf_counter() - t0:.0f} s.", "",
+              *_setup_lines(cfg0, methods, budgets, overrides, where[0][3])]
+    text = counterfactual_report(summary, cells, header)
+    write_text(out / "report.md", text)
+    log.info("wrote %s", ", ".join(str(out / n) for n in (
+        "results.csv", "summary.csv", "report.md", *(f"{k}.png" for k in CF_METRICS))))
+    return text
+
+
+def _counterfactual_stats(results: Sequence[dict[str, Any]],
+                          where: Sequence[tuple[dict[str, float], int, Path, list[Job]]],
+                          methods: Sequence[str], n_boot: int
+                          ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The run rows plus control and oracle rows, and the summary of every cell."""
+    rows_all = [r for r in results if r["method"] != CTR_NET]
+    summary: list[dict[str, Any]] = []
+    by_cell: dict[str, list[tuple[int, TestScores]]] = {}
+    cell_of: dict[str, dict[str, float]] = {}
+    for cell, w, _, jobs in where:
+        cfg = config_from_dict(jobs[0].tree, "benchmark config")
+        seeds = sorted({j.seed for j in jobs})
+        t = load_test_scores(cfg, jobs, seeds)
+        ones = np.ones((1, len(t.truth)))
+        for key in t.scores:
+            if key[0] in (CONTROL, ORACLE):
+                vals = {k: float(v[0]) for k, v in score_metrics(t, key, ones).items()}
+                rows_all.append({**cell, "world": w, "method": key[0], "seed": key[1], **vals})
+        by_cell.setdefault(_cell_dir(cell), []).append((w, t))
+        cell_of[_cell_dir(cell)] = cell
+    for name, worlds in by_cell.items():
+        cell = cell_of[name]
+        reps = {w: world_replicates(t, n_boot, seed=w) for w, t in worlds}
+        cell_rows = [r for r in rows_all if all(r.get(k) == v for k, v in cell.items())]
+        summary += cell_summary(cell_rows, reps, [*methods, CONTROL, ORACLE], cell)
+    return rows_all, summary
+
+
+def counterfactual_report(summary: Sequence[dict[str, Any]], cells: Sequence[dict[str, float]],
+                          header: Sequence[str]) -> str:
+    lines = ["# Counterfactual CVR benchmark", "", *header, "", INTERVALS_NOTE, ""]
+    for cell in cells:
+        rows = [r for r in summary if all(r.get(k) == v for k, v in cell.items())]
+        lines += [f"## selection {cell['selection']:g}, hidden_confounder "
+                  f"{cell['hidden_confounder']:g}, cvr {cell['cvr']:g}", ""]
+        for k in CF_METRICS:
+            lines += [f"### {CF_TITLE[k]} (`{k}`)", "", *cell_table(rows, k), ""]
+    lines += [f"![{k}]({k}.png)" for k in CF_METRICS]
+    return "\n".join(lines) + "\n"

@@ -454,8 +454,9 @@ def report(
 
 benchmark_app = typer.Typer(
     no_args_is_help=True,
-    help="Compare models: `paper` (the ESMM paper's Table 2), `bias-sweep` and `zoo` (the "
-    "multi-task seesaw).",
+    help="Compare models: `paper` (the ESMM paper's Table 2), `bias-sweep`, `zoo` (the "
+    "multi-task seesaw) and `counterfactual` (every CVR method where selection is not "
+    "ignorable).",
 )
 app.add_typer(benchmark_app, name="benchmark")
 
@@ -466,6 +467,11 @@ BUDGET_HELP = ("Epoch cap of one method, METHOD=EPOCHS (repeatable), e.g. --budg
                "reference CTR net.")
 FRESH_HELP = ("Retrain every run; by default runs finished by an earlier call with the same "
               "config and data are reused, so an interrupted benchmark continues.")
+WORLD_HELP = ("Simulated worlds: world w is simulated with data seed 2018 + w and trains every "
+              "seed (not with --data). Paired differences pair runs of the same world and "
+              "seed.")
+BOOT_HELP = ("Bootstrap replicates over test users for the tables with intervals (written when "
+             "the test split has simulator ground truth).")
 KEEP_HELP = ("Keep each run's checkpoints/ (by default they are deleted once the run's test "
              "metrics are written: with the Ali-CCP feature set a checkpoint is hundreds of MB).")
 
@@ -495,6 +501,8 @@ def benchmark_paper(
     knob: list[str] = typer.Option([], "--sim-set", help="Override a simulator knob when "
                                    "simulating (repeatable), e.g. --sim-set selection=1.0."),
     budget: list[str] = typer.Option([], "--budget", help=BUDGET_HELP),
+    world_seeds: int = typer.Option(1, "--world-seeds", min=1, help=WORLD_HELP),
+    boot: int = typer.Option(200, min=1, help=BOOT_HELP),
     fresh: bool = typer.Option(False, "--fresh", help=FRESH_HELP),
     keep_checkpoints: bool = typer.Option(False, "--keep-checkpoints", help=KEEP_HELP),
 ) -> None:
@@ -510,7 +518,8 @@ def benchmark_paper(
     prepare_dir_output(out)
     report = run_paper(out, data=data, seeds=seeds, methods=chosen, overrides=overrides,
                        rows=rows, preset=preset, knobs=knobs, budgets=budgets, fresh=fresh,
-                       keep_checkpoints=keep_checkpoints)
+                       keep_checkpoints=keep_checkpoints, world_seeds=world_seeds,
+                       n_boot=boot)
     typer.echo(report)
     typer.echo(f"report written to {out / 'report.md'} (results.csv, auc.png beside it)")
 
@@ -540,6 +549,8 @@ def benchmark_zoo(
     budget: list[str] = typer.Option([], "--budget", help="Epoch cap of one model, "
                                      "METHOD=EPOCHS (repeatable); default train.epochs for "
                                      "every model."),
+    world_seeds: int = typer.Option(1, "--world-seeds", min=1, help=WORLD_HELP),
+    boot: int = typer.Option(200, min=1, help=BOOT_HELP),
     fresh: bool = typer.Option(False, "--fresh", help=FRESH_HELP),
     keep_checkpoints: bool = typer.Option(False, "--keep-checkpoints", help=KEEP_HELP),
 ) -> None:
@@ -556,7 +567,8 @@ def benchmark_zoo(
     prepare_dir_output(out)
     report = run_zoo(out, data=data, seeds=seeds, methods=chosen, overrides=overrides,
                      rows=rows, preset=preset, knobs=knobs, budgets=budgets, fresh=fresh,
-                     keep_checkpoints=keep_checkpoints)
+                     keep_checkpoints=keep_checkpoints, world_seeds=world_seeds,
+                     n_boot=boot)
     typer.echo(report)
     typer.echo(f"report written to {out / 'report.md'} (results.csv, seesaw.png beside it)")
 
@@ -582,6 +594,8 @@ def benchmark_bias_sweep(
                                    "clickbait_fraction=0.2."),
     overrides: list[str] = typer.Option([], "--set", help=SET_HELP),
     budget: list[str] = typer.Option([], "--budget", help=BUDGET_HELP),
+    world_seeds: int = typer.Option(1, "--world-seeds", min=1, help=WORLD_HELP),
+    boot: int = typer.Option(200, min=1, help=BOOT_HELP),
     fresh: bool = typer.Option(False, "--fresh", help=FRESH_HELP),
     keep_checkpoints: bool = typer.Option(False, "--keep-checkpoints", help=KEEP_HELP),
 ) -> None:
@@ -604,7 +618,68 @@ def benchmark_bias_sweep(
     prepare_dir_output(out)
     report = run_bias_sweep(out, selection=sel, cvr=cvrs, seeds=seeds, rows=rows,
                             methods=chosen, preset=preset, knobs=knobs, overrides=overrides,
-                            budgets=budgets, fresh=fresh, keep_checkpoints=keep_checkpoints)
+                            budgets=budgets, fresh=fresh, keep_checkpoints=keep_checkpoints,
+                            world_seeds=world_seeds, n_boot=boot)
+    typer.echo(report)
+    typer.echo(f"report written to {out / 'report.md'}")
+
+
+@benchmark_app.command("counterfactual")
+@_errors
+def benchmark_counterfactual(
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for results.csv, summary.csv, "
+                             "report.md, one PNG per metric, data/ and runs/."),
+    selection: str = typer.Option("0,0.5,1", help="Values of the simulator's `selection` knob "
+                                  "(observed selection: how much clicking selects on "
+                                  "conversion-relevant features), comma-separated."),
+    hidden_confounder: str = typer.Option("0,1", help="Values of the `hidden_confounder` knob "
+                                          "(an unobserved factor raising both click and "
+                                          "conversion: selection not ignorable), "
+                                          "comma-separated."),
+    cvr: str = typer.Option("0.1,0.02", help="Values of the `cvr` knob (conversions per "
+                            "click), comma-separated."),
+    world_seeds: int = typer.Option(3, "--world-seeds", min=1, help=WORLD_HELP),
+    seeds: int = typer.Option(2, min=1, help="Training seeds per method and world."),
+    rows: int = typer.Option(100_000, min=1000, help="Training impressions per world "
+                             "(valid rows/4, test rows/2)."),
+    methods: str = typer.Option(None, help="Comma-separated methods (default: every CVR "
+                                "method: BASE, the paper's baselines, ESMM-NS, ESMM, "
+                                "ESCM2-IPS, ESCM2-DR, DCMT); BASE is always added."),
+    preset: str = typer.Option("dense", help="Simulator preset the grid modifies."),
+    knob: list[str] = typer.Option([], "--sim-set", help="Override another simulator knob in "
+                                   "every cell (repeatable)."),
+    overrides: list[str] = typer.Option([], "--set", help=SET_HELP),
+    budget: list[str] = typer.Option([], "--budget", help="Epoch cap of one method, "
+                                     "METHOD=EPOCHS (repeatable); default train.epochs for "
+                                     "every method."),
+    boot: int = typer.Option(500, min=1, help=BOOT_HELP),
+    fresh: bool = typer.Option(False, "--fresh", help=FRESH_HELP),
+    keep_checkpoints: bool = typer.Option(False, "--keep-checkpoints", help=KEEP_HELP),
+) -> None:
+    """Every CVR method where selection is not ignorable: a grid of observed selection x
+    hidden confounder x conversion rate, several worlds and seeds per cell.
+
+    Writes tables with intervals over runs and over test users, paired differences from
+    BASE, the pCTR-as-pCVR control and the p_conversion oracle, and line charts.
+    """
+    from esmm.benchmark import (
+        COUNTERFACTUAL_METHODS,
+        parse_budgets,
+        parse_floats,
+        parse_methods,
+        run_counterfactual,
+    )
+
+    grid = (parse_floats(selection, "--selection"),
+            parse_floats(hidden_confounder, "--hidden-confounder"), parse_floats(cvr, "--cvr"))
+    chosen, knobs, budgets = (parse_methods(methods, COUNTERFACTUAL_METHODS),
+                              _parse_knobs(knob), parse_budgets(budget))
+    prepare_dir_output(out)
+    report = run_counterfactual(out, selection=grid[0], hidden_confounder=grid[1],
+                                cvr=grid[2], world_seeds=world_seeds, seeds=seeds, rows=rows,
+                                methods=chosen, preset=preset, knobs=knobs,
+                                overrides=overrides, budgets=budgets, n_boot=boot,
+                                fresh=fresh, keep_checkpoints=keep_checkpoints)
     typer.echo(report)
     typer.echo(f"report written to {out / 'report.md'}")
 

@@ -289,6 +289,23 @@ class DivisionConfig(_Strict):
     clip: float = Field(default=1.0, gt=0.0, le=1.0)
 
 
+class Escm2Config(_Strict):
+    """ESCM2-IPS / ESCM2-DR: ``lambda_c``, the weight of the counterfactual CVR risk (the
+    paper's lambda_c, >= 0; 0 is ESMM), and ``clip``, the lower bound on the click propensity
+    in the weights 1 / pCTR, in (0, 1)."""
+
+    lambda_c: float = Field(default=1.0, ge=0.0)
+    clip: float = Field(default=0.05, gt=0.0, lt=1.0)
+
+
+class DcmtConfig(_Strict):
+    """DCMT: ``lambda_prior``, the weight of the counterfactual prior |1 - (pCVR + pCVR*)|
+    (>= 0), and ``clip``: propensities pCTR and 1 - pCTR are bounded below by it, in (0, 0.5]."""
+
+    lambda_prior: float = Field(default=1.0, ge=0.0)
+    clip: float = Field(default=0.05, gt=0.0, le=0.5)
+
+
 # The flat method keys of earlier configs (and checkpoints) -> (method section, key).
 _FLAT_METHOD_KEYS = {"aman_rate": ("aman", "rate"), "oversample_k": ("oversampling", "k"),
                      "unbias_clip": ("unbias", "clip"), "division_clip": ("division", "clip")}
@@ -301,7 +318,8 @@ class ModelConfig(_Strict):
     under any head, e.g. ``--set model.backbone.name=mmoe`` turns ``esmm`` into ESMM over MMoE.
 
     Method options sit under the method they belong to and are read only by it:
-    ``aman: {rate}``, ``oversampling: {k}``, ``unbias: {clip}``, ``division: {clip}``. The flat
+    ``aman: {rate}``, ``oversampling: {k}``, ``unbias: {clip}``, ``division: {clip}``,
+    ``escm2: {lambda_c, clip}``, ``dcmt: {lambda_prior, clip}``. The flat
     keys of earlier configs (``aman_rate``, ``oversample_k``, ``unbias_clip``,
     ``division_clip``) are still read and set the same options (null: not given).
     """
@@ -318,6 +336,8 @@ class ModelConfig(_Strict):
     oversampling: OversamplingConfig = Field(default_factory=OversamplingConfig)
     unbias: UnbiasConfig = Field(default_factory=UnbiasConfig)
     division: DivisionConfig = Field(default_factory=DivisionConfig)
+    escm2: Escm2Config = Field(default_factory=Escm2Config)
+    dcmt: DcmtConfig = Field(default_factory=DcmtConfig)
     aman_rate: float | None = Field(default=None, gt=0.0, le=1.0)
     oversample_k: int | None = Field(default=None, ge=1)
     unbias_clip: float | None = Field(default=None, gt=0.0, le=1.0)

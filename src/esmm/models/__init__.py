@@ -7,6 +7,7 @@ from esmm.errors import ConfigError
 from esmm.features import FeatureSpec
 from esmm.loss_weighting import build_loss_weighting
 from esmm.models import baselines as _baselines  # noqa: F401  (aman, oversampling, ...)
+from esmm.models import counterfactual as _counterfactual  # noqa: F401  (escm2_*, dcmt)
 from esmm.models import esmm as _esmm  # noqa: F401  (registers esmm, esmm_ns, base)
 from esmm.models import zoo as _zoo  # noqa: F401  (shared_bottom, mmoe, ple, dbmtl, aitm, esmm_*)
 from esmm.models.base import (
