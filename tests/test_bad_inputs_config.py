@@ -203,6 +203,25 @@ def test_evaluate_names_a_missing_split_of_the_run_config(flat_data, tmp_path):
     assert f"data.test: {gone} does not exist" in res.output
 
 
+def test_buckets_beyond_int64_are_a_config_error(small_yaml, tmp_path):
+    line = _train(small_yaml, tmp_path / "run", "features.0.buckets=9223372036854775808")
+    assert "features.0.buckets:" in line and "less than 9223372036854775808" in line, line
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("buckets", [10**15, 2**62])
+def test_an_embedding_table_too_large_to_allocate_is_one_line(small_yaml, tmp_path, buckets):
+    # 10**15 rows exceed any address space (allocation fails); 2**62 overflows torch's size.
+    res = runner.invoke(app, ["train", str(small_yaml), "--out", str(tmp_path / "run"),
+                              "--set", f"features.0.buckets={buckets}"])
+    text = res.output
+    assert res.exit_code == 1 and "Traceback" not in text, text
+    errors = [line for line in text.splitlines() if line.startswith("esmm: error:")]
+    assert len(errors) == 1, text
+    assert "does not fit in memory" in errors[0] and f"{buckets:,} buckets" in errors[0]
+    assert "'101'" in errors[0] and "lower `buckets`" in errors[0], errors[0]
+
+
 def test_simulator_set_values_get_one_line(tmp_path):
     res = runner.invoke(app, ["simulate", "--out", str(tmp_path / "sim"), "--rows", "100",
                               "--set", "cvr=[0.1"])
