@@ -5,7 +5,9 @@ traceback, and that nothing was lost or half-written.
 """
 
 import hashlib
+import pickle
 import shutil
+import warnings
 
 import numpy as np
 import pyarrow as pa
@@ -19,6 +21,7 @@ import esmm.export as ex
 from esmm.checkpoint import load_checkpoint, save_atomic, seal
 from esmm.cli import app
 from esmm.config import config_from_dict
+from esmm.errors import EsmmError
 from esmm.train import train
 from tests.conftest import cli_output, make_rows, small_config, write_flat
 from tests.test_checkpoint import Marker, flip_weight_byte
@@ -109,6 +112,24 @@ def test_resume_from_a_checkpoint_carrying_code_is_refused(run, tmp_path):
     one_error(res, 1, f"checkpoint {path} is refused", "posix.system")
     assert not marker.exists()
     assert {p.name: digest(p) for p in (bad / "checkpoints").iterdir()} == before
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_a_plain_pickle_carrying_code_is_refused_in_one_line(run, tmp_path, protocol):
+    # Not a torch zip but a bare pickle: torch warns about protocols other than 2 on stderr
+    # before refusing, which would make the refusal a three-line message.
+    bad = _copy_run(run, tmp_path / "plain")
+    marker = tmp_path / "code-ran"
+    path = bad / "checkpoints" / "best.pt"
+    path.write_bytes(pickle.dumps({"model": Marker(marker)}, protocol=protocol))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with pytest.raises(EsmmError, match="is refused: it holds"):
+            load_checkpoint(path)
+    assert [str(w.message) for w in seen] == []
+    res = runner.invoke(app, ["evaluate", str(bad)])
+    one_error(res, 1, f"checkpoint {path} is refused", "not an esmm checkpoint or was altered")
+    assert not marker.exists()
 
 
 def test_a_flipped_weight_byte_in_best_pt_is_refused(run, tmp_path):

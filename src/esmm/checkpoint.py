@@ -29,6 +29,7 @@ import os
 import pickle
 import pickletools
 import re
+import warnings
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -116,7 +117,11 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise EsmmError(f"checkpoint {p} does not exist")
     try:
-        ck = torch.load(p, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch warns (two lines on stderr) about a plain pickle's protocol before refusing
+            # or reading it; the outcome is reported below in one line.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            ck = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise EsmmError(_refusal(p, e)) from None
     except Exception as e:  # noqa: BLE001 - any failure to read means a bad file
