@@ -203,6 +203,22 @@ def test_evaluate_names_a_missing_split_of_the_run_config(flat_data, tmp_path):
     assert f"data.test: {gone} does not exist" in res.output
 
 
+@pytest.mark.parametrize("command", ["evaluate", "predict"])
+def test_a_missing_data_option_path_exits_2_naming_the_option(flat_data, tmp_path, command):
+    tree = small_config(flat_data["train"], None, max_steps=2)
+    cfg = _write(tmp_path / "cfg.yaml", yaml.safe_dump(tree))
+    res = runner.invoke(app, ["train", str(cfg), "--out", str(tmp_path / "run")])
+    assert res.exit_code == 0, res.output
+    gone = tmp_path / "moved_away.parquet"
+    out = tmp_path / "out.parquet"
+    res = runner.invoke(app, [command, str(tmp_path / "run"), "--data", str(gone),
+                              "--out", str(out)])
+    assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+    assert res.output.strip().count("\n") == 0, res.output
+    assert f"--data {gone}: no such file or folder" in res.output
+    assert not out.exists()
+
+
 def test_buckets_beyond_int64_are_a_config_error(small_yaml, tmp_path):
     line = _train(small_yaml, tmp_path / "run", "features.0.buckets=9223372036854775808")
     assert "features.0.buckets:" in line and "less than 9223372036854775808" in line, line

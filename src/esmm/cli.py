@@ -142,6 +142,13 @@ def train(
                f"{res.best_step})")
 
 
+def _check_input(data: Path | None) -> None:
+    """A ``--data`` path that does not exist is a usage error (exit 2), as a config's is."""
+    if data is not None and not data.exists():
+        raise UsageError(f"--data {data}: no such file or folder; expected a Parquet file or "
+                         "folder, a CSV file or a normalized folder")
+
+
 @app.command()
 @_errors
 def evaluate(
@@ -165,6 +172,7 @@ def evaluate(
 
     if out is not None:
         prepare_file_output(out)
+    _check_input(data)
     model, cfg, spec, ck = load_model(run)
     path = data or cfg.data.test or cfg.data.eval
     if path is None:
@@ -202,6 +210,7 @@ def predict(
     from esmm.fsio import prepare_file_output
 
     prepare_file_output(out)
+    _check_input(data)
     model, cfg, spec, _ = load_model(run)
     if loader not in ("auto", "stream", "memory"):
         raise UsageError(f"--loader {loader!r}: expected auto, stream or memory")
