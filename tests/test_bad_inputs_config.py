@@ -219,6 +219,19 @@ def test_a_missing_data_option_path_exits_2_naming_the_option(flat_data, tmp_pat
     assert not out.exists()
 
 
+def test_an_unknown_model_name_lists_the_known_ones(small_yaml, tmp_path):
+    line = _train(small_yaml, tmp_path / "run", "model.name=esm")
+    assert "model.name: unknown model 'esm'; expected one of [" in line and "'esmm'" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_label_listed_as_a_feature_is_refused(small_yaml, tmp_path):
+    line = _train(small_yaml, tmp_path / "run",
+                  "features=[{name: click, kind: categorical, buckets: 10}]")
+    assert "label column(s) ['click'] are listed as features" in line, line
+    assert not (tmp_path / "run").exists()
+
+
 def test_buckets_beyond_int64_are_a_config_error(small_yaml, tmp_path):
     line = _train(small_yaml, tmp_path / "run", "features.0.buckets=9223372036854775808")
     assert "features.0.buckets:" in line and "less than 9223372036854775808" in line, line

@@ -114,6 +114,17 @@ def test_resume_from_a_checkpoint_carrying_code_is_refused(run, tmp_path):
     assert {p.name: digest(p) for p in (bad / "checkpoints").iterdir()} == before
 
 
+@pytest.mark.parametrize("command", ["evaluate", "export", "predict"])
+def test_a_run_that_does_not_exist_is_a_usage_error(flat_data, tmp_path, command):
+    gone = tmp_path / "no_such_run"
+    out = tmp_path / "out.file"
+    extra = {"evaluate": [], "export": ["--format", "onnx"], "predict": []}[command]
+    data = [] if command == "export" else ["--data", str(flat_data["valid"])]
+    res = runner.invoke(app, [command, str(gone), *data, *extra, "--out", str(out)])
+    one_error(res, 2, f"{gone}: no such run directory or checkpoint file")
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("protocol", [2, 4, 5])
 def test_a_plain_pickle_carrying_code_is_refused_in_one_line(run, tmp_path, protocol):
     # Not a torch zip but a bare pickle: torch warns about protocols other than 2 on stderr
