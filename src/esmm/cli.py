@@ -575,6 +575,9 @@ def data_aliccp(
     """Ingest one raw Ali-CCP split (skeleton + common features) into Parquet, streaming."""
     from esmm.data.aliccp import ingest
 
+    for option, path in (("--skeleton", skeleton), ("--common", common)):
+        if not path.is_file():  # a missing input named here is a usage error, as --data's is
+            raise UsageError(f"{option} {path}: no such file; expected a raw Ali-CCP CSV file")
     bags = tuple(b.strip() for b in bag_fields.split(",") if b.strip())
     summary = ingest(skeleton, common, out, on_error=on_error,
                      conversion_without_click=conversion_without_click, shard_rows=shard_rows,
