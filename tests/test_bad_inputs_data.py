@@ -673,3 +673,18 @@ def _csv_cell(v) -> str:
     if isinstance(v, str):
         return '"' + v.replace('"', '""') + '"'
     return repr(v) if isinstance(v, float) else str(v)
+
+
+@pytest.mark.parametrize("missing", ["--skeleton", "--common"])
+def test_data_aliccp_with_a_missing_input_is_a_usage_error(tmp_path, missing):
+    present = tmp_path / "present.csv"
+    present.write_text("", encoding="utf-8")
+    gone = tmp_path / "gone.csv"
+    args = {"--skeleton": present, "--common": present, missing: gone}
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["data", "aliccp", "--skeleton", str(args["--skeleton"]),
+                                   "--common", str(args["--common"]), "--out", str(out)])
+    assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+    assert res.output.strip().count("\n") == 0, res.output
+    assert f"{missing} {gone}: no such file" in res.output
+    assert not out.exists()

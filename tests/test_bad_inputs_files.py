@@ -5,7 +5,9 @@ traceback, and that nothing was lost or half-written.
 """
 
 import hashlib
+import pickle
 import shutil
+import warnings
 
 import numpy as np
 import pyarrow as pa
@@ -19,6 +21,7 @@ import esmm.export as ex
 from esmm.checkpoint import load_checkpoint, save_atomic, seal
 from esmm.cli import app
 from esmm.config import config_from_dict
+from esmm.errors import EsmmError
 from esmm.train import train
 from tests.conftest import cli_output, make_rows, small_config, write_flat
 from tests.test_checkpoint import Marker, flip_weight_byte
@@ -109,6 +112,54 @@ def test_resume_from_a_checkpoint_carrying_code_is_refused(run, tmp_path):
     one_error(res, 1, f"checkpoint {path} is refused", "posix.system")
     assert not marker.exists()
     assert {p.name: digest(p) for p in (bad / "checkpoints").iterdir()} == before
+
+
+@pytest.mark.parametrize("command", ["evaluate", "export", "predict"])
+def test_a_run_that_does_not_exist_is_a_usage_error(flat_data, tmp_path, command):
+    gone = tmp_path / "no_such_run"
+    out = tmp_path / "out.file"
+    extra = {"evaluate": [], "export": ["--format", "onnx"], "predict": []}[command]
+    data = [] if command == "export" else ["--data", str(flat_data["valid"])]
+    res = runner.invoke(app, [command, str(gone), *data, *extra, "--out", str(out)])
+    one_error(res, 2, f"{gone}: no such run directory or checkpoint file")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_a_plain_pickle_carrying_code_is_refused_in_one_line(run, tmp_path, protocol):
+    # Not a torch zip but a bare pickle: torch warns about protocols other than 2 on stderr
+    # before refusing, which would make the refusal a three-line message.
+    bad = _copy_run(run, tmp_path / "plain")
+    marker = tmp_path / "code-ran"
+    path = bad / "checkpoints" / "best.pt"
+    path.write_bytes(pickle.dumps({"model": Marker(marker)}, protocol=protocol))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with pytest.raises(EsmmError, match="is refused: it "):
+            load_checkpoint(path)
+    assert [str(w.message) for w in seen] == []
+    res = runner.invoke(app, ["evaluate", str(bad)])
+    one_error(res, 1, f"checkpoint {path} is refused",
+              "posix.system" if protocol == 2 else "the safe loader does not accept")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("damage, needle", [
+    ("truncated", "cannot be read (RuntimeError: PytorchStreamReader failed reading zip archive: "
+                  "failed finding central directory); it is not a complete esmm checkpoint"),
+    ("text", "is refused: it is not a checkpoint esmm writes (its pickle uses opcode 103"),
+    ("empty", "is empty (0 bytes)"),
+])
+def test_a_damaged_or_foreign_best_pt_gets_one_line_saying_what_it_is(run, tmp_path, damage,
+                                                                      needle):
+    bad = _copy_run(run, tmp_path / damage)
+    path = bad / "checkpoints" / "best.pt"
+    data = path.read_bytes()
+    damaged = {"truncated": data[: len(data) // 2], "text": b"garbage\n", "empty": b""}
+    path.write_bytes(damaged[damage])
+    res = runner.invoke(app, ["evaluate", str(bad)])
+    line = one_error(res, 1, f"checkpoint {path} ", needle)
+    assert "If you are seeing this error" not in line and "which loading would run" not in line
 
 
 def test_a_flipped_weight_byte_in_best_pt_is_refused(run, tmp_path):
@@ -287,4 +338,4 @@ def test_artifact_metadata_without_feature_spec_is_named(artifacts, tmp_path):
     path = tmp_path / "nospec.onnx"
     onnx.save_model(proto, str(path))
     res = runner.invoke(app, ["serve", str(path), "--port", "0"])
-    one_error(res, 1, str(path), "feature_spec: missing")
+    one_error(res, 1, str(path), "metadata field feature_spec: missing")

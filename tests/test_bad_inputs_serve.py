@@ -496,3 +496,16 @@ def test_in_flight_slots_bound_the_requests_in_the_app():
     assert state["peak"] == 2
     assert answers[:10] == [(200, b"x" * i) for i in range(10)]  # each body replayed whole
     assert answers[10][0] == 413
+
+
+@pytest.mark.parametrize("weight, bound", [(1e308, "less than or equal to 1e+300"),
+                                           (-1e301, "greater than or equal to -1e+300")])
+def test_an_oversized_score_weight_gets_a_short_answer(server, weight, bound):
+    user = {"101": 7, "121": 2, "109_14": [1]}
+    body = {"user": user, "candidates": [{"205": 1, "206": 4, "d1": 0.5}],
+            "score": {"p_ctr": weight}}
+    r = server.post("/rank", json=body)
+    assert r.status_code == 422, r.text
+    err = r.json()
+    assert err["error"] == f"score.p_ctr: Input should be {bound}", err["error"]
+    assert err["field"] == "p_ctr" and len(err["error"]) < 80

@@ -29,6 +29,7 @@ import os
 import pickle
 import pickletools
 import re
+import warnings
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -115,12 +116,20 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise EsmmError(f"checkpoint {p} does not exist")
+    if p.stat().st_size == 0:
+        raise EsmmError(f"checkpoint {p} is empty (0 bytes); it is not a complete esmm "
+                        "checkpoint")
     try:
-        ck = torch.load(p, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch warns (two lines on stderr) about a plain pickle's protocol before refusing
+            # or reading it; the outcome is reported below in one line.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            ck = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise EsmmError(_refusal(p, e)) from None
     except Exception as e:  # noqa: BLE001 - any failure to read means a bad file
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        first = first.split(". ")[0]  # torch's advice after the first sentence is for torch
         raise EsmmError(f"checkpoint {p} cannot be read ({type(e).__name__}: {first}); "
                         "it is not a complete esmm checkpoint") from None
     if not isinstance(ck, dict):
@@ -148,6 +157,14 @@ def verify(ck: dict[str, Any], path: Path) -> None:
 
 
 def _refusal(path: Path, err: Exception) -> str:
+    op = re.search(r"Unsupported operand (\d+)", str(err))
+    if op:
+        # An opcode the safe loader does not take: random bytes, another pickle protocol or
+        # format; nothing says what it would do, only that it is not what esmm writes.
+        return (f"checkpoint {path} is refused: it is not a checkpoint esmm writes (its pickle "
+                f"uses opcode {op.group(1)}, which the safe loader does not accept), so it is "
+                "damaged or another kind of file; nothing in it was run; retrain or use a "
+                "checkpoint from a trusted copy of the run")
     m = re.search(r"GLOBAL (\S+)", str(err))
     what = f"a reference to {m.group(1)}" if m else "an object that is not plain data"
     version = _peek_version(path)

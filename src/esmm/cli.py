@@ -244,6 +244,13 @@ def _launch_ranks(cfg: Config, nproc: int, train_args: list[str]) -> None:
         raise typer.Exit(code)
 
 
+def _check_input(data: Path | None) -> None:
+    """A ``--data`` path that does not exist is a usage error (exit 2), as a config's is."""
+    if data is not None and not data.exists():
+        raise UsageError(f"--data {data}: no such file or folder; expected a Parquet file or "
+                         "folder, a CSV file or a normalized folder")
+
+
 @app.command()
 @_errors
 def evaluate(
@@ -264,6 +271,7 @@ def evaluate(
 
     if out is not None:
         prepare_file_output(out)
+    _check_input(data)
     r = load_run(run)
     path = data or r.default_data()
     metrics = r.evaluate(path, batch_size=batch_size, loader=loader)
@@ -293,6 +301,7 @@ def predict(
     from esmm.fsio import prepare_file_output
 
     prepare_file_output(out)
+    _check_input(data)
     n = load_run(run).predict_to_file(data, out, keep=keep, batch_size=batch_size,
                                       loader=loader)
     typer.echo(f"wrote {n} rows to {out}")
@@ -728,6 +737,9 @@ def data_aliccp(
     """Ingest one raw Ali-CCP split (skeleton + common features) into Parquet, streaming."""
     from esmm.data.aliccp import ingest
 
+    for option, path in (("--skeleton", skeleton), ("--common", common)):
+        if not path.is_file():  # a missing input named here is a usage error, as --data's is
+            raise UsageError(f"{option} {path}: no such file; expected a raw Ali-CCP CSV file")
     bags = tuple(b.strip() for b in bag_fields.split(",") if b.strip())
     summary = ingest(skeleton, common, out, on_error=on_error,
                      conversion_without_click=conversion_without_click, shard_rows=shard_rows,

@@ -165,7 +165,8 @@ class FeatureConfig(_Strict):
 
     name: str
     kind: Literal["categorical", "multi_categorical", "dense"] = "categorical"
-    buckets: int | None = Field(default=None, gt=0)
+    # Ids are hashed to int64 bucket numbers, so a table cannot have more rows than that.
+    buckets: int | None = Field(default=None, gt=0, lt=2**63)
     dim: int | None = Field(default=None, gt=0)
     pooling: Literal["sum", "mean"] = "mean"
     dtype: Literal["auto", "int", "str"] = "auto"

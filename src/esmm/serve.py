@@ -689,6 +689,21 @@ def _examples(predictor: Predictor) -> tuple[dict[str, Any], dict[str, Any]]:
             {"user": user, "candidates": cands, "score": {"p_ctcvr": 1.0}, "top_k": 2})
 
 
+_BOUNDS = {"less_than_equal": ("le", "less than or equal to"),
+           "greater_than_equal": ("ge", "greater than or equal to"),
+           "less_than": ("lt", "less than"), "greater_than": ("gt", "greater than")}
+
+
+def _short_bound(kind: str, ctx: dict[str, Any]) -> str | None:
+    """pydantic writes a float bound such as 1e300 with all its digits; ``%g`` keeps the
+    answer one short line."""
+    key, words = _BOUNDS.get(kind, (None, None))
+    value = ctx.get(key) if key else None
+    if not isinstance(value, float):
+        return None
+    return f"Input should be {words} {value:g}"
+
+
 def _validation_error(exc: RequestValidationError, limits: Limits) -> Response:
     """The 4xx answer to a body that does not fit the request model: the first problem in
     ``error`` (``where: what``), all of them in ``detail``; an item list over ``max_items``
@@ -700,6 +715,9 @@ def _validation_error(exc: RequestValidationError, limits: Limits) -> Response:
         where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
         msg = str(e.get("msg"))
         kind = str(e.get("type"))
+        bound = _short_bound(kind, e.get("ctx") or {})
+        if bound is not None:
+            msg = bound
         if kind == "json_invalid":
             reason = (e.get("ctx") or {}).get("error")
             msg = f"the body is not valid JSON ({reason})" if reason else "invalid JSON"
