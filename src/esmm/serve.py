@@ -1324,15 +1324,24 @@ class _DeadWorkerReaper:
             self.sweep(also=(os.getpid(),))
 
 
-def _operator_metrics_dir(path: str) -> None:
-    """Check the folder an operator gave in PROMETHEUS_MULTIPROC_DIR (exit 2 when unusable)."""
+def check_metrics_env() -> str | None:
+    """Check the folder an operator gave in PROMETHEUS_MULTIPROC_DIR, if any (UsageError, exit
+    2, when it is unusable); returns it. Called before the artifact is loaded, to fail fast."""
+    path = os.environ.get(MULTIPROC_ENV)
+    if not path:
+        return None
     p = Path(path)
     if not p.is_dir():
         raise UsageError(f"{MULTIPROC_ENV}={path}: not a folder; create it or unset the "
                          "variable (esmm serve then uses a private temporary folder)")
     if not os.access(p, os.W_OK | os.X_OK):
         raise UsageError(f"{MULTIPROC_ENV}={path}: the folder is not writable")
-    earlier = [n for n in os.listdir(p) if n.endswith(".db")]
+    _multiprocess_dir()  # with one worker this process keeps the metrics itself
+    return path
+
+
+def _warn_earlier_files(path: str) -> None:
+    earlier = [n for n in os.listdir(path) if n.endswith(".db")]
     if earlier:
         log.warning("%s=%s holds %d metric files of earlier processes: their counts are added "
                     "to this server's (empty the folder before starting to count from zero)",
@@ -1351,10 +1360,9 @@ def _metrics_folder(workers: int) -> Iterator[str | None]:
     import shutil
     import tempfile
 
-    given = os.environ.get(MULTIPROC_ENV)
+    given = check_metrics_env()
     if given:
-        _operator_metrics_dir(given)
-        _multiprocess_dir()  # this process scores itself when workers == 1
+        _warn_earlier_files(given)
         path, private = given, False
     elif workers > 1:
         path, private = tempfile.mkdtemp(prefix="esmm-metrics-"), True
@@ -1425,6 +1433,7 @@ def serve(path: str | os.PathLike, host: str = "127.0.0.1", port: int = 8080, wo
     if not threads:
         threads = max(1, (os.cpu_count() or 1) // workers)
     loopback = _check_port(host, port)
+    check_metrics_env()
     predictor = load_checked(path, threads=threads)
     log.info("serving %s (%s, %s) on http://%s:%d with %d worker(s), %d thread(s) each; "
              "limits: %s", path, predictor.model_name, predictor.format, host, port, workers,
