@@ -244,3 +244,19 @@ def test_unusable_multiproc_dir_is_refused_before_loading(artifact, tmp_path):
     lines = [line for line in res.stderr.splitlines() if line.strip()]
     assert lines == [f"esmm: error: PROMETHEUS_MULTIPROC_DIR={missing}: not a folder; create it "
                      "or unset the variable (esmm serve then uses a private temporary folder)"]
+
+
+def test_one_worker_uses_the_operator_folder_and_leaves_it_marked_dead(artifact, tmp_path):
+    folder = tmp_path / "prom"
+    folder.mkdir()
+    proc, url = _start(artifact, _env(PROMETHEUS_MULTIPROC_DIR=str(folder)), workers=1)
+    try:
+        _predict(url)
+        s = _samples(httpx.get(f"{url}/metrics").text)
+        assert _value(s, "esmm_requests_total", endpoint="/predict", status="200") == 1
+        assert _value(s, "esmm_workers") == 1
+        assert list(folder.glob(f"gauge_livesum_{proc.pid}.db"))  # the server's own files
+    finally:
+        _stop(proc)
+    assert list(folder.glob(f"counter_{proc.pid}.db"))
+    assert not list(folder.glob("gauge_live*.db"))

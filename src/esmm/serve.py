@@ -578,6 +578,15 @@ class Metrics:
         """Count one request refused (413) for being over ``limit`` (one of REFUSAL_LIMITS)."""
         self.refused.labels(limit=limit).inc()
 
+    def close(self) -> None:
+        """Mark this process dead in the multiprocess folder (its live gauges leave the sums;
+        its counts stay). Run when the app shuts down: uvicorn ends a single-process server by
+        re-raising SIGTERM, so code after ``uvicorn.run`` never runs there."""
+        if self.multiprocess_dir is not None:
+            from prometheus_client.multiprocess import mark_process_dead
+
+            mark_process_dead(os.getpid(), self.multiprocess_dir)
+
     def render(self, accept: str | None = None) -> tuple[bytes, str]:
         """The exposition of every metric and its content type: OpenMetrics when ``accept``
         (the request's Accept header) asks for it, else the Prometheus text format."""
@@ -921,6 +930,7 @@ def create_app(predictor: Predictor, limits: Limits | None = None, *,
     app.state.metrics = metrics
     app.state.limits = limits
     _add_error_handlers(app, limits, metrics)
+    app.router.on_shutdown.append(metrics.close)
     _add_scoring_routes(app, _Scorer(predictor, limits, metrics))
     published = public_metadata(predictor, limits, show_paths)
 
