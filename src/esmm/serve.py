@@ -6,7 +6,9 @@ Endpoints:
   ``{"predictions": [{"p_ctr": .., "p_cvr": .., "p_ctcvr": ..}, ...]}`` in request order.
 * ``POST /rank``: one user's fields (encoded once per request) and N candidates' fields ->
   candidates sorted by a weighted score of the three probabilities, best first.
-* ``GET /health``, ``GET /metadata``, ``GET /metrics`` (Prometheus text format).
+* ``GET /health``, ``GET /metadata``, ``GET /metrics`` (Prometheus text format or OpenMetrics,
+  by ``prometheus_client``; with several workers, one set of counters for the whole server:
+  :class:`Metrics`).
 
 Every request is validated field by field before scoring: a missing field, a value of the
 wrong type, an empty list or too many items is answered with a 4xx and a JSON body
@@ -1422,7 +1424,10 @@ def serve(path: str | os.PathLike, host: str = "127.0.0.1", port: int = 8080, wo
 
     Args:
         host: the address to listen on; the default is loopback (this machine only).
-        workers: uvicorn worker processes (each loads the artifact).
+        workers: uvicorn worker processes (each loads the artifact). With more than one, the
+            workers share their metrics through prometheus_client's multiprocess folder:
+            ``PROMETHEUS_MULTIPROC_DIR`` if set, else a private temporary folder made here
+            before they start and removed at exit (:func:`_metrics_folder`).
         max_items, max_body_bytes, max_bag_len, max_in_flight: the request limits
             (:class:`Limits`).
         threads: intra-op threads per worker (1 gives the lowest latency for requests of up
