@@ -153,7 +153,7 @@ def _per_worker(folder):
     return counts
 
 
-def _until_both_workers_served(url, folder, pool, max_rounds=20):
+def _until_both_workers_served(url, folder, pool, max_rounds=40):
     """Send /predict requests 8 at a time until both workers have answered some; the number
     sent."""
     sent = 0
