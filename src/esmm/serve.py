@@ -6,7 +6,9 @@ Endpoints:
   ``{"predictions": [{"p_ctr": .., "p_cvr": .., "p_ctcvr": ..}, ...]}`` in request order.
 * ``POST /rank``: one user's fields (encoded once per request) and N candidates' fields ->
   candidates sorted by a weighted score of the three probabilities, best first.
-* ``GET /health``, ``GET /metadata``, ``GET /metrics`` (Prometheus text format).
+* ``GET /health``, ``GET /metadata``, ``GET /metrics`` (Prometheus text format or OpenMetrics,
+  by ``prometheus_client``; with several workers, one set of counters for the whole server:
+  :class:`Metrics`).
 
 Every request is validated field by field before scoring: a missing field, a value of the
 wrong type, an empty list or too many items is answered with a 4xx and a JSON body
@@ -165,12 +167,14 @@ class ErrorBody(BaseModel):
 
 
 class BadRequest(Exception):
-    """A request the server refuses: answered with ``status`` and an :class:`ErrorBody`."""
+    """A request the server refuses: answered with ``status`` and an :class:`ErrorBody`;
+    ``limit`` names the limit (one of :data:`REFUSAL_LIMITS`) a 413 is about."""
 
     def __init__(self, message: str, field: str | None = None, index: int | None = None,
-                 status: int = 422) -> None:
+                 status: int = 422, limit: str | None = None) -> None:
         super().__init__(message)
         self.message, self.field, self.index, self.status = message, field, index, status
+        self.limit = limit
 
 
 # Error messages quote the offending value; reprlib bounds the cost and the length of that
@@ -283,7 +287,8 @@ def _check_bags(f: FieldSpec, col: list[Any], where: str, max_bag_len: int) -> N
         index = None if where == "user" else i
         at = f"user.{f.name}" if where == "user" else f"{where}[{i}].{f.name}"
         raise BadRequest(f"{at}: a bag of {int(lengths[i])} ids is over the limit of "
-                         f"{max_bag_len} ids per bag (--max-bag-len)", f.name, index, status=413)
+                         f"{max_bag_len} ids per bag (--max-bag-len)", f.name, index, status=413,
+                         limit="max_bag_len")
 
 
 def _column(f: FieldSpec, items: list[dict[str, Any]], where: str, max_bag_len: int
@@ -310,7 +315,7 @@ def _check_items(items: list[dict[str, Any]], where: str, max_items: int) -> Non
         raise BadRequest(f"{where}: the list is empty; give at least one item", where)
     if len(items) > max_items:
         raise BadRequest(f"{where}: {len(items)} items is over the limit of {max_items} per "
-                         "request (--max-items)", where, status=413)
+                         "request (--max-items)", where, status=413, limit="max_items")
 
 
 # ----------------------------------------------------------------------------- limits
@@ -373,10 +378,12 @@ class _BodyLimitMiddleware:
     requests (health checks, metrics) take none and are answered even when every slot is busy.
     """
 
-    def __init__(self, app: Any, max_bytes: int, max_in_flight: int) -> None:
+    def __init__(self, app: Any, max_bytes: int, max_in_flight: int,
+                 metrics: Metrics | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.slots = asyncio.Semaphore(max_in_flight)
+        self.metrics = metrics if metrics is not None else Metrics()
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -414,12 +421,22 @@ class _BodyLimitMiddleware:
         if scope.get("method") in ("GET", "HEAD"):
             await self.app(scope, replay, send)
             return
-        async with self.slots:
+        self.metrics.waiting.inc()
+        try:
+            await self.slots.acquire()
+        finally:
+            self.metrics.waiting.dec()
+        self.metrics.in_flight.inc()
+        try:
             await self.app(scope, replay, send)
+        finally:
+            self.metrics.in_flight.dec()
+            self.slots.release()
         if len(body) >= _TRIM_AFTER_BYTES:
             _release_free_memory()
 
     async def _refuse(self, send: Any, got: str) -> None:
+        self.metrics.refuse("max_body_bytes")
         msg = (f"body: the request body of {got} is over the limit of {self.max_bytes} bytes "
                "(--max-body-bytes)")
         data = json.dumps({"error": msg, "field": "body", "index": None}).encode()
@@ -472,76 +489,113 @@ def _content_length(scope: dict) -> int | None:
 
 # ----------------------------------------------------------------------------- metrics
 
+# The limits whose refusals are counted (esmm_requests_refused_total{limit}); each is the name
+# of its command-line option without dashes.
+REFUSAL_LIMITS = ("max_body_bytes", "max_items", "max_bag_len")
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def _multiprocess_dir() -> str | None:
+    """The folder prometheus_client's multiprocess mode writes to, or None (in-process values).
+
+    Raises:
+        EsmmError: the variable is set but prometheus_client was imported before it was, so
+            this process would keep its values in memory where no other process reads them.
+    """
+    path = os.environ.get(MULTIPROC_ENV)
+    if not path:
+        return None
+    from prometheus_client import values
+
+    if not getattr(values.ValueClass, "_multiprocess", False):
+        raise EsmmError(f"{MULTIPROC_ENV}={path}: set after prometheus_client was imported; set "
+                        "it before the process starts")
+    return path
+
 
 class Metrics:
-    """Request counters and latency histograms, rendered in the Prometheus text format."""
+    """The server's Prometheus metrics, kept by ``prometheus_client``.
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.requests: dict[tuple[str, int], int] = {}
-        self.buckets: dict[str, list[int]] = {}
-        self.sums: dict[str, float] = {}
-        self.counts: dict[str, int] = {}
-        self.items: dict[str, int] = {}
-        self.started = time.time()
+    With ``PROMETHEUS_MULTIPROC_DIR`` set (``esmm serve --workers N`` sets it for its workers),
+    every worker writes its values to its own files in that folder and :meth:`render` merges
+    every worker's files, so any worker answers ``/metrics`` with the whole server's counts.
+    Without it, the values live in this process's own registry.
+
+    Args:
+        info: the labels of ``esmm_model_info`` (model, format, versions).
+        started: Unix time the server started (default: now); all workers of one server
+            publish the parent's.
+    """
+
+    def __init__(self, info: dict[str, str] | None = None, started: float | None = None
+                 ) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.multiprocess_dir = _multiprocess_dir()
+        if self.multiprocess_dir is None:
+            target: CollectorRegistry | None = self.registry
+        else:
+            # The values go to this process's files; the collector reads every process's.
+            MultiProcessCollector(self.registry, path=self.multiprocess_dir)
+            target = None
+        self.requests = Counter("esmm_requests", "HTTP requests answered, by endpoint and "
+                                "status.", ["endpoint", "status"], registry=target)
+        self.duration = Histogram("esmm_request_duration_seconds", "Time to answer a request, "
+                                  "by endpoint.", ["endpoint"], buckets=LATENCY_BUCKETS,
+                                  registry=target)
+        self.items = Counter("esmm_items_scored", "Impressions or candidates scored, by "
+                             "endpoint.", ["endpoint"], registry=target)
+        self.refused = Counter("esmm_requests_refused", "Requests refused with a 413, by the "
+                               "limit they were over.", ["limit"], registry=target)
+        # live*: a dead worker's value leaves the sum when it is marked dead
+        self.in_flight = Gauge("esmm_requests_in_flight", "Requests being decoded and scored "
+                               "(at most --max-in-flight per worker).", registry=target,
+                               multiprocess_mode="livesum")
+        self.waiting = Gauge("esmm_requests_waiting", "Requests whose body is read, waiting "
+                             "for a scoring slot.", registry=target, multiprocess_mode="livesum")
+        self.workers = Gauge("esmm_workers", "Worker processes serving.", registry=target,
+                             multiprocess_mode="livesum")
+        model_info = Gauge("esmm_model_info", "The artifact this server scores with.",
+                           sorted(info or {}), registry=target, multiprocess_mode="livemax")
+        start = Gauge("esmm_start_time_seconds", "Unix time the server started.",
+                      registry=target, multiprocess_mode="max")
+        for limit in REFUSAL_LIMITS:
+            self.refused.labels(limit=limit)  # published as 0 before the first refusal
+        self.workers.set(1)
+        (model_info.labels(**info) if info else model_info).set(1)
+        self.started = time.time() if started is None else started
+        start.set(self.started)
 
     def observe(self, endpoint: str, status: int, seconds: float) -> None:
-        with self._lock:
-            key = (endpoint, status)
-            self.requests[key] = self.requests.get(key, 0) + 1
-            b = self.buckets.setdefault(endpoint, [0] * len(LATENCY_BUCKETS))
-            for i, le in enumerate(LATENCY_BUCKETS):
-                if seconds <= le:
-                    b[i] += 1
-            self.sums[endpoint] = self.sums.get(endpoint, 0.0) + seconds
-            self.counts[endpoint] = self.counts.get(endpoint, 0) + 1
+        """Count one answered request and its latency."""
+        self.requests.labels(endpoint=endpoint, status=str(status)).inc()
+        self.duration.labels(endpoint=endpoint).observe(seconds)
 
     def scored(self, endpoint: str, n: int) -> None:
-        with self._lock:
-            self.items[endpoint] = self.items.get(endpoint, 0) + n
+        self.items.labels(endpoint=endpoint).inc(n)
 
-    def render(self, info: dict[str, str]) -> str:
-        with self._lock:
-            lines = [
-                "# HELP esmm_requests_total HTTP requests answered, by endpoint and status.",
-                "# TYPE esmm_requests_total counter",
-            ]
-            for (ep, st), n in sorted(self.requests.items()):
-                lines.append(f'esmm_requests_total{{endpoint="{ep}",status="{st}"}} {n}')
-            lines += [
-                "# HELP esmm_request_duration_seconds Time to answer a request, by endpoint.",
-                "# TYPE esmm_request_duration_seconds histogram",
-            ]
-            for ep in sorted(self.counts):
-                for le, n in zip(LATENCY_BUCKETS, self.buckets[ep], strict=True):
-                    lines.append(f'esmm_request_duration_seconds_bucket{{endpoint="{ep}",'
-                                 f'le="{le}"}} {n}')
-                lines.append(f'esmm_request_duration_seconds_bucket{{endpoint="{ep}",le="+Inf"}} '
-                             f"{self.counts[ep]}")
-                lines.append(f'esmm_request_duration_seconds_sum{{endpoint="{ep}"}} '
-                             f"{self.sums[ep]:.6f}")
-                lines.append(f'esmm_request_duration_seconds_count{{endpoint="{ep}"}} '
-                             f"{self.counts[ep]}")
-            lines += [
-                "# HELP esmm_items_scored_total Impressions or candidates scored, by endpoint.",
-                "# TYPE esmm_items_scored_total counter",
-            ]
-            for ep, n in sorted(self.items.items()):
-                lines.append(f'esmm_items_scored_total{{endpoint="{ep}"}} {n}')
-        labels = ",".join(f'{k}="{_escape(v)}"' for k, v in info.items())
-        lines += [
-            "# HELP esmm_model_info The artifact this server scores with.",
-            "# TYPE esmm_model_info gauge",
-            f"esmm_model_info{{{labels}}} 1",
-            "# HELP esmm_start_time_seconds Unix time the server started.",
-            "# TYPE esmm_start_time_seconds gauge",
-            f"esmm_start_time_seconds {self.started:.3f}",
-        ]
-        return "\n".join(lines) + "\n"
+    def refuse(self, limit: str) -> None:
+        """Count one request refused (413) for being over ``limit`` (one of REFUSAL_LIMITS)."""
+        self.refused.labels(limit=limit).inc()
 
+    def close(self) -> None:
+        """Mark this process dead in the multiprocess folder (its live gauges leave the sums;
+        its counts stay). Run when the app shuts down: uvicorn ends a single-process server by
+        re-raising SIGTERM, so code after ``uvicorn.run`` never runs there."""
+        if self.multiprocess_dir is not None:
+            from prometheus_client.multiprocess import mark_process_dead
 
-def _escape(v: str) -> str:
-    return str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+            mark_process_dead(os.getpid(), self.multiprocess_dir)
+
+    def render(self, accept: str | None = None) -> tuple[bytes, str]:
+        """The exposition of every metric and its content type: OpenMetrics when ``accept``
+        (the request's Accept header) asks for it, else the Prometheus text format."""
+        from prometheus_client.exposition import choose_encoder
+
+        encode, content_type = choose_encoder(accept or "")
+        return encode(self.registry), content_type
 
 
 class _MetricsMiddleware:
@@ -704,7 +758,8 @@ def _short_bound(kind: str, ctx: dict[str, Any]) -> str | None:
     return f"Input should be {words} {value:g}"
 
 
-def _validation_error(exc: RequestValidationError, limits: Limits) -> Response:
+def _validation_error(exc: RequestValidationError, limits: Limits, metrics: Metrics
+                      ) -> Response:
     """The 4xx answer to a body that does not fit the request model: the first problem in
     ``error`` (``where: what``), all of them in ``detail``; an item list over ``max_items``
     (pydantic refuses it by its length alone) is a 413."""
@@ -724,6 +779,7 @@ def _validation_error(exc: RequestValidationError, limits: Limits) -> Response:
             where, loc = "", []
         elif kind == "too_long" and loc in (["impressions"], ["candidates"]):
             got = (e.get("ctx") or {}).get("actual_length", "too many")
+            metrics.refuse("max_items")
             return _json({"error": f"{loc[0]}: {got} items is over the limit of "
                           f"{limits.max_items} per request (--max-items)",
                           "field": loc[0], "index": None}, 413)
@@ -737,14 +793,16 @@ def _validation_error(exc: RequestValidationError, limits: Limits) -> Response:
                   "index": index, "detail": details}, 422)
 
 
-def _add_error_handlers(app: FastAPI, limits: Limits) -> None:
+def _add_error_handlers(app: FastAPI, limits: Limits, metrics: Metrics) -> None:
     @app.exception_handler(BadRequest)
     async def _bad(request: Request, exc: BadRequest) -> Response:
+        if exc.limit is not None:
+            metrics.refuse(exc.limit)
         return _json({"error": exc.message, "field": exc.field, "index": exc.index}, exc.status)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> Response:
-        return _validation_error(exc, limits)
+        return _validation_error(exc, limits, metrics)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> Response:
@@ -862,20 +920,21 @@ def _add_scoring_routes(app: FastAPI, scorer: _Scorer) -> None:
 
 
 def create_app(predictor: Predictor, limits: Limits | None = None, *,
-               show_paths: bool = False) -> FastAPI:
+               show_paths: bool = False, started: float | None = None) -> FastAPI:
     """The FastAPI application serving ``predictor`` (see the module docstring).
 
     Args:
         limits: what one request may hold (default :class:`Limits`()).
         show_paths: publish the artifact's, run's and data's paths in ``/metadata`` and the
             OpenAPI description (default: names only).
+        started: the Unix time ``esmm_start_time_seconds`` publishes (default: now).
     """
     limits = limits or Limits()
     meta = predictor.metadata
     spec = predictor.spec
-    metrics = Metrics()
     info = {"model": predictor.model_name, "format": predictor.format,
             "esmm_version": str(meta.get("esmm_version")), "server_version": esmm.__version__}
+    metrics = Metrics(info, started)
     source = meta.get("run") if show_paths else run_name(meta.get("run"))
     app = FastAPI(
         title="esmm scoring server",
@@ -885,12 +944,13 @@ def create_app(predictor: Predictor, limits: Limits | None = None, *,
                     + ", ".join(f"`{f.name}` ({f.kind})" for f in spec.fields),
     )
     app.add_middleware(_BodyLimitMiddleware, max_bytes=limits.max_body_bytes,
-                       max_in_flight=limits.max_in_flight)
+                       max_in_flight=limits.max_in_flight, metrics=metrics)
     app.add_middleware(_MetricsMiddleware, metrics=metrics)  # outermost: counts 413s too
     app.state.predictor = predictor
     app.state.metrics = metrics
     app.state.limits = limits
-    _add_error_handlers(app, limits)
+    _add_error_handlers(app, limits, metrics)
+    app.router.on_shutdown.append(metrics.close)
     _add_scoring_routes(app, _Scorer(predictor, limits, metrics))
     published = public_metadata(predictor, limits, show_paths)
 
@@ -903,9 +963,9 @@ def create_app(predictor: Predictor, limits: Limits | None = None, *,
         return published
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
-    def prometheus() -> Response:
-        return Response(metrics.render(info),
-                        media_type="text/plain; version=0.0.4; charset=utf-8")
+    def prometheus(request: Request) -> Response:
+        body, content_type = metrics.render(request.headers.get("accept"))
+        return Response(body, headers={"content-type": content_type})
 
     return app
 
@@ -1216,11 +1276,139 @@ _ENV_SHOW_PATHS = "ESMM_SERVE_SHOW_PATHS"
 _ENV_THREADS = "ESMM_SERVE_THREADS"
 
 
+_ENV_STARTED = "ESMM_SERVE_STARTED"
+_REAP_EVERY_S = 1.0
+
+
 def app_from_env() -> FastAPI:
     """App factory for uvicorn worker processes (reads the artifact path from the environment)."""
     predictor = load_checked(os.environ[_ENV_PATH], threads=int(os.environ[_ENV_THREADS]))
     limits = Limits(**json.loads(os.environ[_ENV_LIMITS]))
-    return create_app(predictor, limits, show_paths=os.environ[_ENV_SHOW_PATHS] == "1")
+    return create_app(predictor, limits, show_paths=os.environ[_ENV_SHOW_PATHS] == "1",
+                      started=float(os.environ[_ENV_STARTED]))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+class _DeadWorkerReaper:
+    """Marks the multiprocess files of every process that has exited dead
+    (``prometheus_client.multiprocess.mark_process_dead``), so the ``live*`` gauges
+    (``esmm_workers``, ``esmm_requests_in_flight``) drop a worker that uvicorn replaced, stopped
+    or that was killed; its counters stay, as counters must. Sweeps once at start (a folder
+    the operator reuses may hold an earlier server's files), then every ``interval`` seconds
+    in a thread, and once more at :meth:`stop`.
+    """
+
+    def __init__(self, path: str, interval: float = _REAP_EVERY_S) -> None:
+        self.path = path
+        self.interval = interval
+        self.marked: set[int] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="esmm-metrics-reaper",
+                                        daemon=True)
+
+    def pids(self) -> set[int]:
+        """The processes with files in the folder (prometheus_client names them
+        ``<kind>_<pid>.db``)."""
+        found = set()
+        for name in os.listdir(self.path):
+            stem, _, tail = name.rpartition("_")
+            if stem and tail.endswith(".db") and tail[:-3].isdigit():
+                found.add(int(tail[:-3]))
+        return found
+
+    def sweep(self, also: tuple[int, ...] = ()) -> None:
+        """Mark every exited process (and the pids in ``also``) dead, each once."""
+        from prometheus_client.multiprocess import mark_process_dead
+
+        for pid in sorted(self.pids() - self.marked):
+            if pid in also or (pid != os.getpid() and not _pid_alive(pid)):
+                mark_process_dead(pid, self.path)
+                self.marked.add(pid)
+                log.debug("metrics: process %d marked dead", pid)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.sweep()
+            except OSError as e:  # the folder removed under us: nothing left to mark
+                log.warning("%s=%s: %s", MULTIPROC_ENV, self.path, e)
+                return
+
+    def start(self) -> None:
+        self.sweep()
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        with contextlib.suppress(OSError):
+            self.sweep(also=(os.getpid(),))
+
+
+def check_metrics_env() -> str | None:
+    """Check the folder an operator gave in PROMETHEUS_MULTIPROC_DIR, if any (UsageError, exit
+    2, when it is unusable); returns it. Called before the artifact is loaded, to fail fast."""
+    path = os.environ.get(MULTIPROC_ENV)
+    if not path:
+        return None
+    p = Path(path)
+    if not p.is_dir():
+        raise UsageError(f"{MULTIPROC_ENV}={path}: not a folder; create it or unset the "
+                         "variable (esmm serve then uses a private temporary folder)")
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise UsageError(f"{MULTIPROC_ENV}={path}: the folder is not writable")
+    _multiprocess_dir()  # with one worker this process keeps the metrics itself
+    return path
+
+
+def _warn_earlier_files(path: str) -> None:
+    earlier = [n for n in os.listdir(path) if n.endswith(".db")]
+    if earlier:
+        log.warning("%s=%s holds %d metric files of earlier processes: their counts are added "
+                    "to this server's (empty the folder before starting to count from zero)",
+                    MULTIPROC_ENV, path, len(earlier))
+
+
+@contextlib.contextmanager
+def _metrics_folder(workers: int) -> Iterator[str | None]:
+    """The folder the workers' metrics are shared through, for the time the server runs.
+
+    ``PROMETHEUS_MULTIPROC_DIR`` when the operator set it (checked, kept at exit); else, with
+    more than one worker, a private temporary folder (mode 0700) created before the workers
+    start and removed at exit; else None (one process keeps its metrics in memory). Workers
+    inherit the variable, which prometheus_client reads when it is first imported.
+    """
+    import shutil
+    import tempfile
+
+    given = check_metrics_env()
+    if given:
+        _warn_earlier_files(given)
+        path, private = given, False
+    elif workers > 1:
+        path, private = tempfile.mkdtemp(prefix="esmm-metrics-"), True
+        os.environ[MULTIPROC_ENV] = path
+    else:
+        yield None
+        return
+    reaper = _DeadWorkerReaper(path)
+    reaper.start()
+    try:
+        yield path
+    finally:
+        reaper.stop()
+        if private:
+            os.environ.pop(MULTIPROC_ENV, None)
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _check_port(host: str, port: int) -> bool:
@@ -1254,7 +1442,10 @@ def serve(path: str | os.PathLike, host: str = "127.0.0.1", port: int = 8080, wo
 
     Args:
         host: the address to listen on; the default is loopback (this machine only).
-        workers: uvicorn worker processes (each loads the artifact).
+        workers: uvicorn worker processes (each loads the artifact). With more than one, the
+            workers share their metrics through prometheus_client's multiprocess folder:
+            ``PROMETHEUS_MULTIPROC_DIR`` if set, else a private temporary folder made here
+            before they start and removed at exit (:func:`_metrics_folder`).
         max_items, max_body_bytes, max_bag_len, max_in_flight: the request limits
             (:class:`Limits`).
         threads: intra-op threads per worker (1 gives the lowest latency for requests of up
@@ -1275,6 +1466,7 @@ def serve(path: str | os.PathLike, host: str = "127.0.0.1", port: int = 8080, wo
     if not threads:
         threads = max(1, (os.cpu_count() or 1) // workers)
     loopback = _check_port(host, port)
+    check_metrics_env()
     predictor = load_checked(path, threads=threads)
     log.info("serving %s (%s, %s) on http://%s:%d with %d worker(s), %d thread(s) each; "
              "limits: %s", path, predictor.model_name, predictor.format, host, port, workers,
@@ -1282,15 +1474,20 @@ def serve(path: str | os.PathLike, host: str = "127.0.0.1", port: int = 8080, wo
     if not loopback:
         log.warning("--host %s: the server is reachable from other machines and has no "
                     "authentication or TLS; put it behind a proxy that adds them", host)
+    started = time.time()
     try:
-        if workers == 1:
-            uvicorn.run(create_app(predictor, limits, show_paths=show_paths), host=host,
-                        port=port, log_level=log_level, access_log=False)
-        else:
-            os.environ.update({_ENV_PATH: str(os.path.abspath(path)), _ENV_THREADS: str(threads),
-                               _ENV_LIMITS: json.dumps(limits.to_dict()),
-                               _ENV_SHOW_PATHS: "1" if show_paths else "0"})
-            uvicorn.run("esmm.serve:app_from_env", factory=True, host=host, port=port,
-                        workers=workers, log_level=log_level, access_log=False)
+        with _metrics_folder(workers):
+            if workers == 1:
+                uvicorn.run(create_app(predictor, limits, show_paths=show_paths,
+                                       started=started),
+                            host=host, port=port, log_level=log_level, access_log=False)
+            else:
+                os.environ.update({_ENV_PATH: str(os.path.abspath(path)),
+                                   _ENV_THREADS: str(threads),
+                                   _ENV_LIMITS: json.dumps(limits.to_dict()),
+                                   _ENV_SHOW_PATHS: "1" if show_paths else "0",
+                                   _ENV_STARTED: repr(started)})
+                uvicorn.run("esmm.serve:app_from_env", factory=True, host=host, port=port,
+                            workers=workers, log_level=log_level, access_log=False)
     except OSError as e:
         raise EsmmError(f"cannot serve on {host}:{port}: {e}") from None
