@@ -130,3 +130,19 @@ def cli_output(res) -> str:
     except (ValueError, AttributeError):
         pass
     return text
+
+
+# A small Ali-CCP-shaped world and its fields, for model tests that train on the simulator.
+TINY_FEATURES = [
+    {"name": "101", "kind": "categorical", "buckets": 500},
+    {"name": "205", "kind": "categorical", "buckets": 3000},
+    {"name": "206", "kind": "categorical", "buckets": 100},
+    {"name": "301", "kind": "categorical", "buckets": 10},
+    {"name": "109_14", "kind": "multi_categorical", "buckets": 100},
+]
+
+
+def tiny_world(ctr: float, cvr: float) -> dict:
+    """Simulator knobs of a world small enough to train on in a test."""
+    return {"n_users": 300, "n_items": 3000, "n_shops": 500, "n_brands": 300,
+            "n_intentions": 200, "n_categories": 50, "ctr": ctr, "cvr": cvr}

@@ -15,19 +15,12 @@ from esmm.features import spec_from_config
 from esmm.models import OUTPUT_NAMES, build_model
 from esmm.models.heads import EntireSpaceHead, IndependentHead
 from esmm.train import load_model, train
-from tests.conftest import small_config
+from tests.conftest import TINY_FEATURES as FEATURES
+from tests.conftest import small_config, tiny_world
 
 BACKBONES = ["shared_bottom", "mmoe", "ple", "dbmtl", "aitm"]
 HEADS = ["independent", "entire_space", "ctcvr"]
-TINY_WORLD = {"n_users": 300, "n_items": 3000, "n_shops": 500, "n_brands": 300,
-              "n_intentions": 200, "n_categories": 50, "ctr": 0.15, "cvr": 0.3}
-FEATURES = [
-    {"name": "101", "kind": "categorical", "buckets": 500},
-    {"name": "205", "kind": "categorical", "buckets": 3000},
-    {"name": "206", "kind": "categorical", "buckets": 100},
-    {"name": "301", "kind": "categorical", "buckets": 10},
-    {"name": "109_14", "kind": "multi_categorical", "buckets": 100},
-]
+TINY_WORLD = tiny_world(ctr=0.15, cvr=0.3)
 SMALL = {"shared_bottom": {"bottom": [24]}, "mmoe": {"experts": 3, "expert": [24]},
          "ple": {"levels": 2, "task_experts": 2, "shared_experts": 1, "expert": [24, 16]},
          "dbmtl": {"bottom": [24], "relation": [12]}, "aitm": {}}

@@ -16,16 +16,10 @@ from esmm.losses import bce_with_logits
 from esmm.models import OUTPUT_NAMES, build_model
 from esmm.models.baselines import row_uniform
 from esmm.train import load_model, train
+from tests.conftest import TINY_FEATURES as FEATURES
+from tests.conftest import tiny_world
 
-TINY_WORLD = {"n_users": 300, "n_items": 3000, "n_shops": 500, "n_brands": 300,
-              "n_intentions": 200, "n_categories": 50, "ctr": 0.1, "cvr": 0.2}
-FEATURES = [
-    {"name": "101", "kind": "categorical", "buckets": 500},
-    {"name": "205", "kind": "categorical", "buckets": 3000},
-    {"name": "206", "kind": "categorical", "buckets": 100},
-    {"name": "301", "kind": "categorical", "buckets": 10},
-    {"name": "109_14", "kind": "multi_categorical", "buckets": 100},
-]
+TINY_WORLD = tiny_world(ctr=0.1, cvr=0.2)
 ALL_METHODS = ["base", "aman", "oversampling", "unbias", "division", "esmm_ns", "esmm"]
 
 
