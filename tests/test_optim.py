@@ -57,7 +57,7 @@ def test_state_of_torch_sparse_adam_resumes_in_row_sparse_adam():
     buf = io.BytesIO()
     torch.save(oa.state_dict(), buf)
     buf.seek(0)
-    ob.load_state_dict(torch.load(buf))
+    ob.load_state_dict(torch.load(buf, weights_only=True))
     _step(a, ids, coef)
     oa.step()
     _step(b, ids, coef)

@@ -212,7 +212,7 @@ def test_resume_with_optimizer_state_of_another_layout_names_the_versions(flat_d
     cfg = cfg_factory(flat_data["train"], max_steps=3, epochs=1)
     train(cfg, tmp_path / "run")
     latest = tmp_path / "run/checkpoints/latest.pt"
-    ck = torch.load(latest, weights_only=False)
+    ck = torch.load(latest, weights_only=True)
     # As a 0.1 checkpoint holds it: one SparseAdam parameter per field, not one per table.
     group = ck["optimizers"][-1]["param_groups"][0]
     group["params"] = list(range(100, 105))

@@ -566,3 +566,27 @@ def test_ingested_data_trains_with_the_aliccp_config(sim, tmp_path):
     res = runner.invoke(app, ["train", str(p), "--out", str(tmp_path / "run")])
     assert res.exit_code == 0, _out(res)
     assert (tmp_path / "run" / "config.yaml").is_file()
+
+
+def test_a_failed_raw_write_keeps_the_previous_files(tmp_path):
+    from esmm.data.aliccp import write_raw
+
+    skeleton, common, gt = tmp_path / "s.csv", tmp_path / "c.csv", tmp_path / "g.parquet"
+    for p in (skeleton, common, gt):
+        p.write_bytes(b"previous")
+    users = [pa.table({"common_key": pa.array([1, 2], pa.int64())})]
+    good = pa.table({"sample_id": [1], "common_key": [1], "click": [1], "conversion": [0],
+                     "p_click": [0.5], "p_conversion": [0.1], "conversion_if_clicked": [0]})
+
+    def impressions():
+        yield good
+        raise RuntimeError("the simulator died")
+
+    with pytest.raises(RuntimeError, match="died"):
+        write_raw(impressions(), users, skeleton, common, gt)
+    assert skeleton.read_bytes() == b"previous" and gt.read_bytes() == b"previous"
+    assert common.read_bytes() != b"previous"  # written whole before the failure
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.csv", "g.parquet", "s.csv"]
+    write_raw([good], users, skeleton, common, gt)
+    assert skeleton.read_text().startswith("1,1,0,")
+    assert pq.read_table(gt).num_rows == 1

@@ -36,6 +36,7 @@ bytes each) and the per-field distinct-id bitmaps (one bit per id value, see
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import queue
@@ -58,7 +59,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from esmm.errors import DataError, UsageError
-from esmm.fsio import prepare_dir_output, write_text
+from esmm.fsio import atomic_path, prepare_dir_output, write_text
 
 log = logging.getLogger(__name__)
 
@@ -1296,16 +1297,19 @@ def write_raw(impressions: Iterable[pa.Table], users: Iterable[pa.Table],
     and the ground-truth columns of the impressions are written there as Parquet.
     """
     counts = {"skeleton_lines": 0, "common_lines": 0, "skeleton_bytes": 0, "common_bytes": 0}
-    with open(common_path, "wb") as fh:
+    # Each file is written under a temporary name and renamed when complete.
+    with atomic_path(common_path) as tmp, open(tmp, "wb") as fh:
         for t in users:
             if t.num_rows == 0:
                 continue
             keys = _format_keys(t.column("common_key").to_numpy())
             counts["common_bytes"] += _write_text(fh, _raw_lines(t, COMMON_FIELDS, [keys]))
             counts["common_lines"] += t.num_rows
-    gt_writer = None
-    try:
-        with open(skeleton_path, "wb") as fh:
+    with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(atomic_path(skeleton_path))
+        fh = stack.enter_context(open(tmp, "wb"))
+        gt_writer = None
+        try:
             for t in impressions:
                 if t.num_rows == 0:
                     continue
@@ -1316,12 +1320,14 @@ def write_raw(impressions: Iterable[pa.Table], users: Iterable[pa.Table],
                 counts["skeleton_lines"] += t.num_rows
                 if ground_truth_path is not None:
                     gt = t.select(["sample_id", *GROUND_TRUTH_COLUMNS])
-                    if gt_writer is None:
-                        gt_writer = pq.ParquetWriter(ground_truth_path, gt.schema)
+                    if gt_writer is None:  # entered here: no rows, no file (as before)
+                        gt_tmp = stack.enter_context(atomic_path(ground_truth_path))
+                        gt_writer = pq.ParquetWriter(gt_tmp, gt.schema)
                     gt_writer.write_table(gt)
-    finally:
-        if gt_writer is not None:
-            gt_writer.close()
+        finally:
+            if gt_writer is not None:
+                gt_writer.close()
+        fh.flush()
     return counts
 
 
