@@ -311,6 +311,21 @@ def test_counterfactual_end_to_end_control_oracle_world_seeds_and_reuse(tmp_path
     report = (out / "report.md").read_text()
     assert "pCTR as pCVR (control)" in report and "p_conversion (oracle)" in report
     assert f"`{benchmark.CF_MONITOR}`" in report and "95% CI over test users" in report
+    # Every CSV column once (the method column was written twice).
+    for name in ("results.csv", "summary.csv"):
+        header = (out / name).read_text().splitlines()[0].split(",")
+        assert len(header) == len(set(header)), name
+    # The overview has one row per cell and a column per method; the diagnostics one row per
+    # trained method with an interval across the cell's two worlds.
+    overview = report.split("## The grid at a glance")[1].split("\n## ")[0]
+    assert overview.count("| selection 1, hidden_confounder 1, cvr 0.2 |") == 2
+    assert "| ESCM2-DR | DCMT |" in overview
+    diag = report.split("### Diagnostics")[1].split("\n## ")[0]
+    dcmt_line = next(line for line in diag.splitlines() if line.startswith("| DCMT |"))
+    spearman = float(dcmt_line.split("|")[2].split()[0])
+    dcmt_runs = [float(r["cvr_ctr_spearman"]) for r in rows if r["method"] == "dcmt"
+                 and r["selection"] == "0.0"]
+    assert spearman == pytest.approx(sum(dcmt_runs) / 2, abs=1e-3), dcmt_line
 
     def no_training(*a, **k):
         raise AssertionError("trained again")

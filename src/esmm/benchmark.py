@@ -498,7 +498,7 @@ def write_csv(path: Path, rows: Sequence[dict[str, Any]], first: Sequence[str] =
     for r in rows:
         keys += [k for k in r if k not in keys]
     rank = {k: i for i, k in enumerate(METRIC_ORDER)}
-    lead = [k for k in (*first, *_RUN_FIELDS) if k in keys]
+    lead = [k for k in dict.fromkeys((*first, *_RUN_FIELDS)) if k in keys]
     rest = sorted((k for k in keys if k not in lead), key=lambda k: (rank.get(k, len(rank)), k))
     with atomic_write(path, "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=lead + rest)
@@ -1130,6 +1130,14 @@ CF_TITLE = {"cvr_auc_entire_space": "CVR AUC over all impressions against "
             "conversion_if_clicked",
             "cvr_auc": "CVR AUC on clicked impressions"}
 LOWER_IS_BETTER = frozenset({"cvr_logloss_entire_space"})
+# What a method's pCVR is made of, per cell: how much it follows its own pCTR and the true
+# click propensity (the leak ESCM2 calls intrinsic estimation bias), its calibration over all
+# impressions, and the CTR AUC it reached (an under-fit CTR tower leaves click signal for the
+# CVR tower to absorb).
+CF_DIAGNOSTICS = {"cvr_ctr_spearman": "Spearman(pCVR, pCTR)",
+                  "cvr_p_click_spearman": "Spearman(pCVR, true p_click)",
+                  "cvr_pcoc_entire_space": "PCOC of pCVR over all impressions",
+                  "ctr_auc": "its CTR AUC"}
 # Evaluations on the validation split per epoch: early stopping chooses among several
 # checkpoints even when the best one falls in the first epoch.
 EVALS_PER_EPOCH = 4
@@ -1478,7 +1486,7 @@ def run_counterfactual(out: str | Path, *, selection: Sequence[float] = CF_GRID[
               f"{split_rows_for(rows)} per world; {n_boot} bootstrap replicates over test "
               f"users. Total time {time.perf_counter() - t0:.0f} s.", "",
               *_setup_lines(cfg0, methods, budgets, overrides, where[0][3])]
-    text = counterfactual_report(summary, cells, header)
+    text = counterfactual_report(summary, cells, header, rows_all, methods)
     write_text(out / "report.md", text)
     log.info("wrote %s", ", ".join(str(out / n) for n in (
         "results.csv", "summary.csv", "report.md", *(f"{k}.png" for k in CF_METRICS))))
@@ -1514,13 +1522,77 @@ def _counterfactual_stats(results: Sequence[dict[str, Any]],
 
 
 def counterfactual_report(summary: Sequence[dict[str, Any]], cells: Sequence[dict[str, float]],
-                          header: Sequence[str]) -> str:
+                          header: Sequence[str], results: Sequence[dict[str, Any]] = (),
+                          methods: Sequence[str] = ()) -> str:
     lines = ["# Counterfactual CVR benchmark", "", *header, "", INTERVALS_NOTE, ""]
+    lines += grid_overview(summary, cells, methods)
     for cell in cells:
         rows = [r for r in summary if all(r.get(k) == v for k, v in cell.items())]
-        lines += [f"## selection {cell['selection']:g}, hidden_confounder "
-                  f"{cell['hidden_confounder']:g}, cvr {cell['cvr']:g}", ""]
+        lines += [f"## {_cell_title(cell)}", ""]
         for k in CF_METRICS:
             lines += [f"### {CF_TITLE[k]} (`{k}`)", "", *cell_table(rows, k), ""]
+        cell_runs = [r for r in results if all(r.get(k) == v for k, v in cell.items())]
+        lines += ["### Diagnostics", "", *diagnostics_table(cell_runs, methods), ""]
     lines += [f"![{k}]({k}.png)" for k in CF_METRICS]
     return "\n".join(lines) + "\n"
+
+
+def _cell_title(cell: dict[str, float]) -> str:
+    return (f"selection {cell['selection']:g}, hidden_confounder "
+            f"{cell['hidden_confounder']:g}, cvr {cell['cvr']:g}")
+
+
+def grid_overview(summary: Sequence[dict[str, Any]], cells: Sequence[dict[str, float]],
+                  methods: Sequence[str]) -> list[str]:
+    """Markdown lines: per entire-space metric, every method's paired difference from the
+    reference in every cell (rows: cells, columns: methods), marked where its 95% interval
+    excludes zero, so the whole grid reads in one table."""
+    shown = [m for m in methods if m != REFERENCE]
+    lines = ["## The grid at a glance", "",
+             f"Paired difference from {DISPLAY[REFERENCE]} (mean over runs; `*` where its 95% "
+             "interval excludes zero; AUC in points, higher is better; log loss in nats, lower "
+             "is better). The per-cell sections below give the intervals.", ""]
+    for k in CF_METRICS[:2]:
+        lines += [f"### {CF_TITLE[k]} (`{k}`), method - {DISPLAY[REFERENCE]}", "",
+                  "| cell | " + " | ".join(DISPLAY.get(m, m) for m in shown) + " |",
+                  "|---|" + "---:|" * len(shown)]
+        for cell in cells:
+            by = {r["method"]: r for r in summary
+                  if all(r.get(c) == v for c, v in cell.items())}
+            vals = [_overview_entry(by.get(m, {}), k) for m in shown]
+            lines.append(f"| {_cell_title(cell)} | " + " | ".join(vals) + " |")
+        lines.append("")
+    return lines
+
+
+def _overview_entry(row: dict[str, Any], k: str) -> str:
+    diff = row.get(f"{k}_minus_base_mean", math.nan)
+    if math.isnan(diff):
+        return ""
+    lo, hi = row[f"{k}_minus_base_low"], row[f"{k}_minus_base_high"]
+    return _fmt(k, diff, True) + ("*" if lo > 0 or hi < 0 else "")
+
+
+def diagnostics_table(runs: Sequence[dict[str, Any]], methods: Sequence[str]) -> list[str]:
+    """Markdown lines of one cell's diagnostics (``CF_DIAGNOSTICS``): per method the mean
+    over runs and its 95% Student-t interval across runs."""
+    from esmm.stats import seed_interval
+
+    lines = ["| method | " + " | ".join(CF_DIAGNOSTICS.values()) + " |",
+             "|---|" + "---:|" * len(CF_DIAGNOSTICS)]
+    for m in [*methods, CONTROL]:
+        cols = []
+        for k in CF_DIAGNOSTICS:
+            x = np.array([float(r[k]) for r in runs if r["method"] == m and k in r
+                          and r[k] != "" and not math.isnan(float(r[k]))])
+            if not len(x):
+                cols.append("")
+                continue
+            text = f"{x.mean():.3f}"
+            if len(x) >= 2:
+                est = seed_interval(x)
+                text += f" [{est.low:.3f}, {est.high:.3f}]"
+            cols.append(text)
+        if any(cols):
+            lines.append(f"| {DISPLAY.get(m, m)} | " + " | ".join(cols) + " |")
+    return lines
