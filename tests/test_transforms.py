@@ -466,3 +466,57 @@ def test_a_model_trained_on_string_ids_refuses_integers(data, tmp_path):
     train(config_from_dict(tree), tmp_path / "run2")
     res = runner.invoke(app, ["evaluate", str(tmp_path / "run2"), "--data", str(data["valid"])])
     assert res.exit_code == 0, cli_output(res)
+
+
+# ----------------------------------------------------------------------------- other sources
+
+
+def test_csv_and_in_memory_tables_fit_as_parquet(data, tmp_path):
+    import pyarrow.csv as pacsv
+
+    from esmm.data.tables import RawTables
+
+    cfg = config_from_dict(_tree(data))
+    spec = spec_from_config(cfg)
+    table = pq.read_table(data["train"])
+    pacsv.write_csv(table, tmp_path / "train.csv")
+    want = fit_spec(spec, data["train"], cfg.data)
+    for source in (tmp_path / "train.csv", RawTables("frame", table)):
+        got = fit_spec(spec, source, cfg.data)
+        for a, b in zip(got.fields, want.fields, strict=True):
+            assert a.boundaries == b.boundaries and a.id_type == b.id_type, a.name
+            if a.stats is not None:  # the CSV round trip may move the last digit
+                np.testing.assert_allclose([a.stats.mean, a.stats.std, a.stats.min, a.stats.max],
+                                           [b.stats.mean, b.stats.std, b.stats.min, b.stats.max],
+                                           rtol=1e-12)
+
+
+def test_a_users_table_field_is_fitted_over_its_rows(tmp_path):
+    folder = tmp_path / "norm"
+    folder.mkdir()
+    pq.write_table(pa.table({"common_key": [1, 1, 1, 2], "click": [1, 0, 0, 1],
+                             "conversion": [0, 0, 0, 1]}), folder / "impressions.parquet")
+    pq.write_table(pa.table({"common_key": [1, 2, 3], "age": [20.0, 40.0, 90.0],
+                             "101": ["a", "b", "c"]}), folder / "users.parquet")
+    cfg = config_from_dict({"data": {"train": str(folder)}, "features": [
+        {"name": "age", "kind": "dense", "transform": "zscore"},
+        {"name": "101", "kind": "categorical", "buckets": 10}]})
+    spec = fit_spec(spec_from_config(cfg), folder, cfg.data)
+    assert spec.fields[0].stats.mean == 50.0 and spec.fields[0].stats.count == 3
+    assert spec.fields[1].id_type == "str"
+
+
+def test_python_api_fits_a_dataframe_and_scores_it_with_the_same_statistics(data, tmp_path):
+    import esmm
+
+    frame = pq.read_table(data["train"]).to_pandas()
+    tree = _tree(data, max_steps=4)
+    tree["data"].update(train=None, eval=None)
+    run = esmm.fit(tree, train=frame, out=tmp_path / "run")
+    fields = {f.name: f for f in run.spec.fields}
+    dz = _present(data["train"], "dz")
+    assert fields["dz"].stats.mean == pytest.approx(dz.mean(), rel=1e-12)
+    head = frame.head(50)
+    scores = run.predict(head)
+    assert len(scores) == 50 and np.isfinite(scores["p_ctcvr"]).all()
+    assert _checkpoint_spec(tmp_path / "run")["fields"] == [f.to_dict() for f in run.spec.fields]

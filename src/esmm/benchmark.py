@@ -226,7 +226,11 @@ class Splits:
 
 
 def load_splits(cfg: Config) -> Splits:
+    from esmm.data.fit import fit_spec
+
     spec = spec_from_config(cfg)
+    if cfg.data.train:  # the statistics and id types training would fit (see esmm.data.fit)
+        spec = fit_spec(spec, cfg.data.train, cfg.data)
     parts = {}
     for name, path in (("train", cfg.data.train), ("valid", cfg.data.eval),
                        ("test", cfg.data.test)):
