@@ -16,6 +16,12 @@ decimal string), ``int`` requires integers (reading strings of decimal digits as
 other strings: one stray string in a CSV id column makes the CSV reader turn the whole column
 into strings, which would silently move every id to another bucket.
 
+Training records the id type an ``auto`` field saw (``FieldSpec.id_type``, see
+:mod:`esmm.data.fit`); ids of the other type are then refused wherever the spec encodes.
+
+Dense fields are filled and transformed here too (:func:`encode_dense`), with the statistics
+fitted on the training split that the spec carries, so every path encodes alike.
+
 Every error names the field, the file (or request) and the row or line, through :class:`Rows`.
 """
 
@@ -396,8 +402,10 @@ def canonical_ids(col: pa.ChunkedArray | pa.Array, field: FieldSpec, source: str
             column whose type a reader may have guessed: a string is then a string even where
             it looks like an integer, and ``auto`` does not refuse mixed strings.
     Returns:
-        (N,) int64 or string Arrow array. Raises DataError naming the row of a value that is
-        not an id of the field's type (see the module docstring).
+        (N,) int64 or string Arrow array (a bucketized dense field: (N,) float64 numbers).
+        Raises DataError naming the row of a value that is not an id of the field's type (see
+        the module docstring), or, for an ``auto`` field whose training id type is recorded
+        (``field.id_type``), ids of the other type.
     """
     if field.transform == "bucketize":
         return canonical_numbers(col, field, source)

@@ -142,6 +142,9 @@ class _Side:
     table: pa.Table | None = None  # read whole
     rows: Rows | None = None
     impressions: bool = True
+    # Columns whose type differs between the side's files: no id type is recorded for them,
+    # and loading refuses them with the message that names both files.
+    mixed: frozenset[str] = frozenset()
 
 
 def _parquet_side(path: Path, impressions: bool) -> _Side:
@@ -150,15 +153,24 @@ def _parquet_side(path: Path, impressions: bool) -> _Side:
     files = _parquet_files(path)
     if not files:
         raise DataError(f"{path}: no Parquet files found")
-    try:
-        schema = pq.read_schema(files[0])
-    except (pa.ArrowInvalid, OSError) as e:
-        raise DataError(f"{files[0]}: cannot read as Parquet: {e}") from None
-    return _Side(schema, files=files, impressions=impressions)
+    schemas = []
+    for f in files:
+        try:
+            schemas.append(pq.read_schema(f))
+        except (pa.ArrowInvalid, OSError) as e:
+            raise DataError(f"{f}: cannot read as Parquet: {e}") from None
+    mixed = frozenset(c for c in schemas[0].names if len({
+        _id_type(s.field(c).type) for s in schemas if c in s.names}) > 1)
+    return _Side(schemas[0], files=files, impressions=impressions, mixed=mixed)
 
 
-def _sides(source: str | Path | Any, cfg: DataConfig, columns: list[str]) -> list[_Side]:
-    """The impressions (and users) of a split: a path, or :class:`RawTables` in memory."""
+def _sides(source: str | Path | Any, cfg: DataConfig, columns: list[str],
+           spec: FeatureSpec) -> list[_Side]:
+    """The impressions (and users) of a split: a path, or :class:`RawTables` in memory.
+
+    Formats other than Parquet are read whole, as their loader reads them and with ``spec``,
+    so that a bad file is refused with the loader's own message.
+    """
     from esmm.data.tables import RawTables, file_format, normalized_parts, read_tables
 
     if isinstance(source, RawTables):
@@ -171,7 +183,7 @@ def _sides(source: str | Path | Any, cfg: DataConfig, columns: list[str]) -> lis
     if not p.exists():
         raise DataError(f"{p}: no such file or folder")
     if file_format(p, cfg) != "parquet":
-        return _sides(read_tables(p, cfg, columns=columns), cfg, columns)
+        return _sides(read_tables(p, cfg, columns=columns, spec=spec), cfg, columns, spec)
     imp, users = normalized_parts(p)
     if imp is None:
         return [_parquet_side(p, True)]
@@ -183,7 +195,7 @@ def _chunks(side: _Side, columns: list[str], chunk_rows: int
     """The side's ``columns`` (those it holds), ``chunk_rows`` rows at a time for Parquet."""
     cols = [c for c in dict.fromkeys(columns) if c in side.schema.names]
     if side.table is not None:
-        yield side.table.select(cols), side.rows or Rows(((source_name(side), 0, 0),))
+        yield side.table.select(cols), side.rows or Rows(((_source_name(side), 0, 0),))
         return
     for f in side.files or ():
         try:
@@ -196,7 +208,7 @@ def _chunks(side: _Side, columns: list[str], chunk_rows: int
             raise DataError(f"{f}: cannot read as Parquet: {e}") from None
 
 
-def source_name(side: _Side) -> str:
+def _source_name(side: _Side) -> str:
     return "the training data (in memory)" if side.files is None else str(side.files[0])
 
 
@@ -230,11 +242,12 @@ def fit_spec(spec: FeatureSpec, source: str | Path | Any, cfg: DataConfig) -> Fe
     if not fits and not auto:
         return spec
     labels = [cfg.labels.click, cfg.labels.conversion]
-    sides = _sides(source, cfg, list(fits) + auto + labels)
+    sides = _sides(source, cfg, list(fits) + auto + labels, spec)
     owner = {}  # field -> the side encoding reads it from (impressions first, as the loaders)
     for name in list(fits) + auto:
         owner[name] = next((s for s in sides if name in s.schema.names), None)
-    types = {n: _id_type(owner[n].schema.field(n).type) for n in auto if owner[n] is not None}
+    types = {n: _id_type(owner[n].schema.field(n).type) for n in auto
+             if owner[n] is not None and n not in owner[n].mixed}
     for side in sides:
         mine = [n for n in fits if owner[n] is side]
         if not mine:
