@@ -353,21 +353,24 @@ def test_predict_applies_the_stored_statistics(reference, run_dir, rows, data):
 @pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
 def test_artifacts_and_server_score_as_esmm_predict(fmt, run_dir, rows, reference,
                                                     tmp_path_factory):
-    from fastapi.testclient import TestClient
-
-    from esmm.serve import create_app, load_checked
+    from tests.test_serve import _start, _stop
 
     path = tmp_path_factory.mktemp("xart") / ("m.pt" if fmt == "torchscript" else "m.onnx")
-    export_run(run_dir, fmt, path, parity_rows=64)
+    meta = export_run(run_dir, fmt, path, parity_rows=64)
+    assert max(meta["parity"]["max_abs_diff"].values()) <= 1e-5
     table = pq.read_table(rows[0])
     got = load_artifact(path).predict_columns({n: table.column(n) for n in FIELDS})
     for k, v in reference.items():
         np.testing.assert_allclose(got[k], v, atol=1e-5, rtol=0)
-    with TestClient(create_app(load_checked(path))) as client:
+    proc, client = _start(path)  # `esmm serve` in its own process, over HTTP
+    try:
         r = client.post("/predict", json={"impressions": rows[1]})
+    finally:
+        _stop(proc, client)
     assert r.status_code == 200, r.text
-    served = np.array([it["p_ctcvr"] for it in r.json()["predictions"]])
-    np.testing.assert_allclose(served, reference["p_ctcvr"], atol=1e-5, rtol=0)
+    for k, v in reference.items():
+        served = np.array([it[k] for it in r.json()["predictions"]])
+        np.testing.assert_allclose(served, v, atol=1e-5, rtol=0)
 
 
 class _Killed(Exception):
@@ -520,3 +523,17 @@ def test_python_api_fits_a_dataframe_and_scores_it_with_the_same_statistics(data
     scores = run.predict(head)
     assert len(scores) == 50 and np.isfinite(scores["p_ctcvr"]).all()
     assert _checkpoint_spec(tmp_path / "run")["fields"] == [f.to_dict() for f in run.spec.fields]
+
+
+def test_the_streamed_loader_encodes_as_the_in_memory_one(data):
+    from esmm.data.stream import ParquetStream, concat_encoded
+
+    cfg = config_from_dict(_tree(data))
+    spec = fit_spec(spec_from_config(cfg), data["train"], cfg.data)
+    mem = load_split(data["valid"], spec, cfg.data)
+    streamed = concat_encoded(list(ParquetStream(data["valid"], spec, cfg.data).chunks()))
+    np.testing.assert_array_equal(streamed.dense, mem.dense)
+    for name in ("db", "dq", "101"):
+        np.testing.assert_array_equal(streamed.ids[name], mem.ids[name])
+    assert mem.ids["dq"].max() < next(f for f in spec.fields if f.name == "dq").buckets
+    assert np.isfinite(mem.dense).all()
