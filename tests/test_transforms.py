@@ -8,6 +8,7 @@ ONNX artifacts and the HTTP server, which must agree to 1e-5.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -537,3 +538,26 @@ def test_the_streamed_loader_encodes_as_the_in_memory_one(data):
         np.testing.assert_array_equal(streamed.ids[name], mem.ids[name])
     assert mem.ids["dq"].max() < next(f for f in spec.fields if f.name == "dq").buckets
     assert np.isfinite(mem.dense).all()
+
+
+def test_artifact_metadata_without_the_fitted_state_is_refused(run_dir, tmp_path):
+    import copy
+
+    from esmm.serve import check_metadata
+
+    path = tmp_path / "m.onnx"
+    export_run(run_dir, "onnx", path, parity_rows=8)
+    meta = load_artifact(path).metadata
+    assert check_metadata(meta, "m.onnx").fields == load_artifact(path).spec.fields
+    cases = [(2, "stats", None, "feature_spec.fields[2].stats: expected an object with keys"),
+             (5, "boundaries", [0.0, 0.0, 1.0], "feature_spec.fields[5].boundaries: expected 3 "
+              "ascending numbers (one fewer than buckets)"),
+             (6, "boundaries", [1.0], "feature_spec.fields[6].boundaries: expected"),
+             (2, "transform", "scale", "feature_spec.fields[2].transform: expected one of"),
+             (0, "id_type", "float", "feature_spec.fields[0].id_type: expected one of"),
+             (0, "fill", 1.0, "feature_spec.fields[0].fill: applies to dense fields")]
+    for i, key, value, needle in cases:
+        bad = copy.deepcopy(meta)
+        bad["feature_spec"]["fields"][i][key] = value
+        with pytest.raises(DataError, match=r"m.onnx: metadata field " + re.escape(needle)):
+            check_metadata(bad, "m.onnx")

@@ -65,7 +65,7 @@ from esmm.export import (
     load_artifact,
     synthetic_columns,
 )
-from esmm.features import HASH_VERSION, FeatureSpec, FieldSpec, FieldStats
+from esmm.features import HASH_VERSION, TRANSFORMS, FeatureSpec, FieldSpec, FieldStats
 from esmm.models.base import OUTPUT_NAMES
 
 log = logging.getLogger(__name__)
@@ -1172,8 +1172,7 @@ def _number(v: Any, key: str) -> float:
 def _check_fitted(f: dict[str, Any], key: str, kind: str, buckets: int) -> dict[str, Any]:
     """A field's transform and fitted state, complete for its transform (an encoder must never
     meet a transform without its statistics)."""
-    transform = _one_of(f.get("transform", "none"), f"{key}.transform",
-                        ("none", "zscore", "minmax", "log1p", "bucketize"))
+    transform = _one_of(f.get("transform", "none"), f"{key}.transform", TRANSFORMS)
     numeric = kind == "dense" or transform == "bucketize"
     if transform != "none" and kind != ("categorical" if transform == "bucketize" else "dense"):
         raise _BadMetadata(f"{key}.transform", f"{transform!r} does not go with kind {kind!r}")
