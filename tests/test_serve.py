@@ -223,7 +223,7 @@ def test_rank_weights_and_top_k(server, rows_and_reference):
 
 
 def _good():
-    return {"101": 1, "205": 17, "206": "x", "121": 2, "109_14": [1, 2], "d1": 0.5}
+    return {"101": 1, "205": 17, "206": 4, "121": 2, "109_14": [1, 2], "d1": 0.5}
 
 
 BAD_PREDICT = [
@@ -280,14 +280,18 @@ def test_not_json_and_good_requests_after_bad_ones(server):
     assert r.status_code == 200 and len(r.json()["predictions"]) == 2
 
 
-def test_unknown_and_string_ids_are_scored(server):
+def test_unknown_ids_are_scored_and_string_ids_of_an_integer_field_refused(server):
     good = _good()
     r = server.post("/predict", json={"impressions": [
-        good, good | {"101": -(2**63), "205": "never-seen", "109_14": []}, good | {"205": "17"}]})
+        good, good | {"101": -(2**63), "205": 10**15, "109_14": []}]})
     assert r.status_code == 200
     p = r.json()["predictions"]
-    assert p[0]["p_ctr"] != p[2]["p_ctr"]  # 17 and "17" are different ids
     assert all(0 < x["p_ctcvr"] <= x["p_ctr"] for x in p)
+    # "17" would hash to another bucket than the 17 of training: refused, not scored wrong.
+    r = server.post("/predict", json={"impressions": [good, good | {"205": "17"}]})
+    assert r.status_code == 422, r.text
+    assert r.json()["error"].startswith("impressions[1].205: expected an integer id, got a "
+                                        "string ('17')"), r.text
 
 
 def test_health_metadata_metrics_docs(server, run_dir):

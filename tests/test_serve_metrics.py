@@ -28,7 +28,7 @@ ROWS = 3  # impressions per /predict request
 
 
 def _good(i=0):
-    return {"101": i, "205": 17, "206": "x", "121": 2, "109_14": [1, 2], "d1": 0.5}
+    return {"101": i, "205": 17, "206": 4, "121": 2, "109_14": [1, 2], "d1": 0.5}
 
 
 BODY = {"impressions": [_good(i) for i in range(ROWS)]}

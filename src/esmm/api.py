@@ -204,7 +204,6 @@ def fit(config: Any, train: Data | None = None, eval: Data | None = None,
         ArgumentError (a UsageError and a TypeError): an argument of the wrong type.
         ConfigError: the config with its overrides is invalid. DataError: bad data.
     """
-    from esmm.features import spec_from_config
     from esmm.train import train as run_train
 
     keys = override_keys(overrides)
@@ -218,7 +217,9 @@ def fit(config: Any, train: Data | None = None, eval: Data | None = None,
     if resume and out is None:
         raise ArgumentError("resume=True needs out: the run folder to continue")
     cfg = resolve_config(config, keys)
-    spec = spec_from_config(cfg)
+    # Data given as tables is encoded here, so the statistics are fitted here; paths are left
+    # to training, which fits them after checking they exist.
+    spec = _fit_spec(cfg, raws.get("train"), out if resume else None) if raws else None
     opened = {name: _open(raw, name, spec, cfg) for name, raw in raws.items()}
     run_dir = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="esmm-run-"))
     if out is None:
@@ -230,6 +231,23 @@ def fit(config: Any, train: Data | None = None, eval: Data | None = None,
               monitor=res.monitor, stopped_early=res.stopped_early)
     run._config = cfg
     return run
+
+
+def _fit_spec(cfg: Config, train: RawTables | None, resumed: Any) -> FeatureSpec:
+    """The spec to encode in-memory data with: a resumed run's stored one, else fitted on the
+    training split (tables or ``data.train``), as training fits it."""
+    from esmm.config import check_data_paths
+    from esmm.data.fit import fit_spec, stored_spec
+    from esmm.features import spec_from_config
+
+    stored = stored_spec(resumed) if resumed is not None else None
+    if stored is not None:
+        return stored
+    spec = spec_from_config(cfg)
+    if train is None:
+        check_data_paths(cfg, ["train"])
+    source = train if train is not None else cfg.data.train
+    return fit_spec(spec, source, cfg.data) if source is not None else spec
 
 
 # ----------------------------------------------------------------------------- runs

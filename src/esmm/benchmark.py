@@ -58,7 +58,7 @@ from esmm.data.tables import EncodedData, load_split
 from esmm.demo import DEMO_ROWS, SIM_SEED, _sim_matches, _split_stats, demo_config
 from esmm.errors import DataError, UsageError
 from esmm.evaluate import evaluate_arrays, predict_arrays
-from esmm.features import spec_from_config
+from esmm.features import FeatureSpec, spec_from_config
 from esmm.fsio import atomic_path, atomic_write, write_text
 from esmm.metrics import METRIC_ORDER, format_table
 from esmm.models import entries, model_names, reference_entry
@@ -225,8 +225,17 @@ class Splits:
     test: EncodedData
 
 
-def load_splits(cfg: Config) -> Splits:
+def fitted_spec(cfg: Config) -> FeatureSpec:
+    """The feature spec training fits on ``data.train`` (statistics, id types: see
+    :mod:`esmm.data.fit`), to encode the splits the runs are scored on alike."""
+    from esmm.data.fit import fit_spec
+
     spec = spec_from_config(cfg)
+    return fit_spec(spec, cfg.data.train, cfg.data) if cfg.data.train else spec
+
+
+def load_splits(cfg: Config) -> Splits:
+    spec = fitted_spec(cfg)
     parts = {}
     for name, path in (("train", cfg.data.train), ("valid", cfg.data.eval),
                        ("test", cfg.data.test)):
@@ -1096,7 +1105,7 @@ def interval_section(results: Sequence[dict[str, Any]],
     :func:`counterfactual_report`), the control and oracle rows included, and
     ``out/intervals.csv``; empty when the test split has no simulator ground truth."""
     cfg = config_from_dict(where[0][3][0].tree, "benchmark config")
-    test = load_split(cfg.data.test, spec_from_config(cfg), cfg.data)
+    test = load_split(cfg.data.test, fitted_spec(cfg), cfg.data)
     if not test.ground_truth or "conversion_if_clicked" not in test.ground_truth:
         return []
     rows_all, summary = _counterfactual_stats(results, where, methods, n_boot)
@@ -1205,7 +1214,7 @@ def score_metrics(t: TestScores, key: tuple[str, int], w: np.ndarray) -> dict[st
 def load_test_scores(cfg: Config, jobs: Sequence[Job], seeds: Sequence[int]) -> TestScores:
     """The test split's labels and ground truth, and the saved pCVR of every run in ``jobs``
     (plus the control and the oracle per seed)."""
-    test = load_split(cfg.data.test, spec_from_config(cfg), cfg.data)
+    test = load_split(cfg.data.test, fitted_spec(cfg), cfg.data)
     gt = test.ground_truth or {}
     missing = [k for k in ("conversion_if_clicked", "p_conversion") if k not in gt]
     if missing:

@@ -60,6 +60,7 @@ class _Strict(BaseModel):
 
 
 NonEmptyStr = Annotated[str, Field(min_length=1)]
+_F32_MAX = 3.4028234663852886e38  # a fill value must be a float32 number
 # Adam's moment decay rates: torch needs 0 <= beta < 1.
 Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
 
@@ -170,6 +171,11 @@ class FeatureConfig(_Strict):
     dim: int | None = Field(default=None, gt=0)
     pooling: Literal["sum", "mean"] = "mean"
     dtype: Literal["auto", "int", "str"] = "auto"
+    # Dense fields only; see docs/config.md (statistics are fitted on data.train).
+    transform: Literal["none", "zscore", "minmax", "log1p", "bucketize"] = "none"
+    fill: float | Literal["mean", "error"] = "error"
+    boundaries: list[float] | None = Field(default=None, min_length=1, max_length=1_000_000)
+    quantiles: int | None = Field(default=None, ge=2, le=1_000_000)
 
     @field_validator("name", mode="before")
     @classmethod
@@ -184,6 +190,22 @@ class FeatureConfig(_Strict):
             raise ValueError(f"feature {self.name!r} is dense: `dtype` applies to id fields only")
         return self
 
+    @field_validator("fill", mode="before")
+    @classmethod
+    def _check_fill(cls, v: Any) -> Any:
+        if isinstance(v, str) and v in ("mean", "error"):
+            return v
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            raise ValueError("expected a number, 'mean' or 'error'")
+        if not abs(v) <= _F32_MAX:  # NaN fails too
+            raise ValueError("expected a finite float32 number")
+        return float(v)
+
+    @model_validator(mode="after")
+    def _check_transform(self) -> FeatureConfig:
+        _check_dense_keys(self)
+        return self
+
     @model_serializer(mode="wrap")
     def _omit_auto_dtype(self, handler: Any) -> dict[str, Any]:
         # The default is left out, so a config (and a checkpoint's copy of it) reads as it did
@@ -191,7 +213,45 @@ class FeatureConfig(_Strict):
         out = handler(self)
         if out.get("dtype") == "auto":
             del out["dtype"]
+        _omit_dense_defaults(out)
         return out
+
+
+_DENSE_DEFAULTS: dict[str, Any] = {"transform": "none", "fill": "error", "boundaries": None,
+                                   "quantiles": None}
+
+
+def _omit_dense_defaults(out: dict[str, Any]) -> None:
+    # As `dtype`: a config without transforms reads as before they existed.
+    for key, default in _DENSE_DEFAULTS.items():
+        if key in out and out[key] == default and type(out[key]) is type(default):
+            del out[key]
+
+
+def _check_dense_keys(f: FeatureConfig) -> None:
+    """``transform``/``fill`` belong to dense fields, ``boundaries``/``quantiles`` (exactly
+    one of them) to ``transform: bucketize``."""
+    given = f.model_fields_set
+    if f.kind != "dense":
+        for key in ("transform", "fill", "boundaries", "quantiles"):
+            if key in given:
+                raise ValueError(f"feature {f.name!r} is {f.kind}: `{key}` applies to dense "
+                                 "fields only")
+        return
+    for key in ("boundaries", "quantiles"):
+        if key in given and f.transform != "bucketize":
+            raise ValueError(f"feature {f.name!r} has `{key}` but `transform: {f.transform}`; "
+                             "`boundaries` and `quantiles` go with `transform: bucketize`")
+    if f.transform == "bucketize" and (f.boundaries is None) == (f.quantiles is None):
+        raise ValueError(f"feature {f.name!r} has `transform: bucketize`: give either "
+                         "`boundaries: [...]` (ascending cut points) or `quantiles: N` "
+                         "(N buckets fitted on data.train), not both or neither")
+    b = f.boundaries or []
+    down = next((i for i in range(1, len(b)) if not b[i] > b[i - 1]), None)
+    if down is not None:
+        raise ValueError(f"feature {f.name!r}: boundaries[{down}] = {b[down]!r} does not exceed "
+                         f"boundaries[{down - 1}] = {b[down - 1]!r}; expected strictly "
+                         "ascending cut points")
 
 
 Widths = Annotated[list[Annotated[int, Field(gt=0)]], Field(min_length=1)]

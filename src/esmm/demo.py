@@ -127,8 +127,10 @@ def _demo_data(data_dir: Path, preset: str, split_rows: dict[str, int],
 def _train_models(base_tree: dict[str, Any], models: Sequence[str], seeds: int,
                   runs: Path) -> list[dict[str, Any]]:
     """Train every model once per seed on the demo's splits; one row of test metrics each."""
+    from esmm.data.fit import fit_spec
+
     cfg0 = config_from_dict(base_tree, "demo config")
-    spec = spec_from_config(cfg0)
+    spec = fit_spec(spec_from_config(cfg0), cfg0.data.train, cfg0.data)  # as training fits it
     train_data = load_split(cfg0.data.train, spec, cfg0.data)
     valid_data = load_split(cfg0.data.eval, spec, cfg0.data)
     test_data = load_split(cfg0.data.test, spec, cfg0.data)

@@ -307,8 +307,11 @@ def encode_ids(values: Any, field: FieldSpec, source: str | Rows) -> np.ndarray:
     """Raw ids of a categorical field -> (N,) int64 bucket ids (hashing as in training).
 
     ``source`` names the request or file in errors (or is the :class:`Rows` naming each row).
+    A bucketized dense field takes numbers (see :func:`encode_numbers`).
     """
-    if field.dtype != "str":  # the common cases, without a round trip through Arrow
+    if field.transform == "bucketize":
+        return encode_numbers(values, field, source)
+    if field.dtype != "str" and field.id_type != "str":  # common cases, no trip through Arrow
         if _int_array(values):
             return hash_int_ids(values.astype(np.int64), field.name, field.buckets)
         ints = _plain_ints(values)
@@ -335,7 +338,7 @@ def encode_bags(values: Any, field: FieldSpec, source: str | Rows
     """
     if isinstance(values, list) and values and set(map(type, values)) == {list}:
         flat = list(itertools.chain.from_iterable(values))
-        ints = _plain_ints(flat) if field.dtype != "str" else None
+        ints = _plain_ints(flat) if field.dtype != "str" and field.id_type != "str" else None
         if ints is not None or not flat:
             offsets = np.zeros(len(values) + 1, dtype=np.int64)
             np.cumsum(np.fromiter(map(len, values), dtype=np.int64, count=len(values)),
@@ -366,17 +369,17 @@ def encode_bags(values: Any, field: FieldSpec, source: str | Rows
         flat.extend(b)
     offsets = np.zeros(len(bags) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
-    inner = FieldSpec(field.name, "categorical", field.buckets, field.dim, field.pooling,
-                      field.dtype)
+    inner = replace(field, kind="categorical")
     ids = _int_ids(flat, inner, rows.values_of(offsets)) if flat else np.zeros(0, dtype=np.int64)
     return ids, offsets
 
 
 def encode_numbers(values: Any, field: FieldSpec, source: str | Rows) -> np.ndarray:
-    """Raw values of a dense field -> (N,) float32.
+    """Raw values of a dense field -> (N,) float32 (a bucketized one: (N,) int64 buckets),
+    filled and transformed as in training (:func:`esmm.features.encode_dense`).
 
-    None, NaN, an infinity, a value beyond float32's range or a non-number is a DataError
-    naming the row, as in training (:func:`esmm.features.encode_dense`).
+    A missing value without a ``fill``, NaN, an infinity, a value beyond float32's range or a
+    non-number is a DataError naming the row.
     """
     if isinstance(values, np.ndarray) and values.dtype.kind in "iuf":
         return encode_dense(pa.array(values.astype(np.float64, copy=False)), field, source)
@@ -387,8 +390,10 @@ def encode_numbers(values: Any, field: FieldSpec, source: str | Rows) -> np.ndar
     rows = Rows.of(source)
     for i, v in enumerate(values):
         name, pos = rows.at(i)
-        if v is None:
+        if v is None and field.fill == "error":
             raise DataError(f"{name}: dense field {field.name!r} {pos} is missing")
+        if v is None:
+            continue
         if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.number)):
             raise DataError(f"{name}: dense field {field.name!r} {pos}: {v!r} is not a number")
         if isinstance(v, int) and not abs(v) <= F32_MAX:
@@ -690,29 +695,57 @@ def load_artifact(path: str | Path, threads: int | None = None, *, verify: bool 
 def synthetic_columns(spec: FeatureSpec, n: int, seed: int = 0, strings: bool = False
                       ) -> dict[str, Any]:
     """N random valid rows of raw values: ids over the whole 64-bit range (unknown ids), bags of
-    0-6 ids (about one in five empty), dense values ~ N(0, 1). With ``strings``, categorical ids
-    are strings."""
+    0-6 ids (about one in five empty), dense values around and beyond the training range
+    (:func:`_synthetic_numbers`). With ``strings``, categorical ids are strings; an ``auto``
+    field keeps the id type it was trained on."""
     rng = np.random.default_rng(seed)
     cols: dict[str, Any] = {}
     for f in spec.fields:
-        if f.kind == "categorical":
+        as_str = f.id_type == "str" or (strings and f.id_type != "int")
+        if f.numeric:
+            cols[f.name] = _synthetic_numbers(f, rng, n)
+        elif f.kind == "categorical":
             ids = rng.integers(-(2**62), 2**62, n)
             ids[: n // 2] = rng.integers(0, 1000, n // 2)  # small, training-like ids too
-            cols[f.name] = [f"id{v}" for v in ids] if strings else ids.tolist()
-        elif f.kind == "multi_categorical":
+            cols[f.name] = [f"id{v}" for v in ids] if as_str else ids.tolist()
+        else:
             lengths = rng.integers(0, 7, n)
             lengths[rng.random(n) < 0.2] = 0
-            cols[f.name] = [rng.integers(0, 10_000, k).tolist() for k in lengths]
-        else:
-            cols[f.name] = rng.normal(size=n).tolist()
+            bags = [rng.integers(0, 10_000, k).tolist() for k in lengths]
+            cols[f.name] = [[f"id{v}" for v in b] for b in bags] if f.id_type == "str" else bags
     return cols
+
+
+def _synthetic_numbers(f: FieldSpec, rng: np.random.Generator, n: int) -> list[float | None]:
+    """N values of a dense field: ~ N(0, 1), or spread over 1.5 times the training range when
+    statistics were fitted, non-negative for ``log1p``, about each boundary for ``bucketize``
+    (boundaries themselves included), and one in ten missing when the field has a ``fill``."""
+    x = rng.normal(size=n)
+    st = f.stats
+    if f.boundaries:
+        b = np.asarray(f.boundaries)
+        width = max(float(b[-1] - b[0]), 1.0)
+        x = rng.uniform(b[0] - width / 2, b[-1] + width / 2, n)
+        x[: n // 4] = rng.choice(b, n // 4)
+    elif st is not None:
+        x = st.mean + 1.5 * (st.std or 1.0) * x
+    if f.transform == "log1p":
+        x = np.abs(x)
+    out: list[float | None] = x.tolist()
+    if f.fill != "error":
+        for i in np.flatnonzero(rng.random(n) < 0.1):
+            out[i] = None
+    return out
 
 
 def _arrow_table(spec: FeatureSpec, cols: Mapping[str, Any]) -> pa.Table:
     arrays = {}
     for f in spec.fields:
         if f.kind == "multi_categorical":
-            arrays[f.name] = pa.array(cols[f.name], type=pa.list_(pa.int64()))
+            inner = pa.string() if f.id_type == "str" else pa.int64()
+            arrays[f.name] = pa.array(cols[f.name], type=pa.list_(inner))
+        elif f.numeric:
+            arrays[f.name] = pa.array(cols[f.name], type=pa.float64())
         else:
             arrays[f.name] = pa.array(cols[f.name])
     return pa.table(arrays)
@@ -903,6 +936,8 @@ def field_list(spec: FeatureSpec) -> list[dict[str, Any]]:
             d.update(buckets=f.buckets, dim=f.dim)
         if f.kind == "multi_categorical":
             d["pooling"] = f.pooling
+        if f.transform != "none":
+            d["transform"] = f.transform
         out.append(d)
     return out
 

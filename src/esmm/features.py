@@ -16,6 +16,12 @@ decimal string), ``int`` requires integers (reading strings of decimal digits as
 other strings: one stray string in a CSV id column makes the CSV reader turn the whole column
 into strings, which would silently move every id to another bucket.
 
+Training records the id type an ``auto`` field saw (``FieldSpec.id_type``, see
+:mod:`esmm.data.fit`); ids of the other type are then refused wherever the spec encodes.
+
+Dense fields are filled and transformed here too (:func:`encode_dense`), with the statistics
+fitted on the training split that the spec carries, so every path encodes alike.
+
 Every error names the field, the file (or request) and the row or line, through :class:`Rows`.
 """
 
@@ -94,9 +100,33 @@ def hash_str_ids(values: pa.Array, name: str, buckets: int) -> np.ndarray:
     return out
 
 
+TRANSFORMS = ("none", "zscore", "minmax", "log1p", "bucketize")
+
+
+@dataclass(frozen=True)
+class FieldStats:
+    """Statistics of a dense field's present values on the training split.
+
+    ``count`` values were present and ``missing`` were null or NaN; ``std`` is the population
+    standard deviation (ddof 0), as a z-score divides by it.
+    """
+
+    count: int
+    missing: int
+    mean: float
+    std: float
+    min: float
+    max: float
+
+
 @dataclass(frozen=True)
 class FieldSpec:
-    """One input field after config resolution."""
+    """One input field after config resolution, with the state fitted on the training split.
+
+    A ``bucketize`` dense field is resolved to ``kind: categorical`` with one bucket per
+    interval of its ``boundaries``: the model embeds the bucket index like any id, and only
+    its encoder (:func:`encode_dense`) knows it came from numbers.
+    """
 
     name: str
     kind: str  # categorical | multi_categorical | dense
@@ -104,6 +134,42 @@ class FieldSpec:
     dim: int
     pooling: str
     dtype: str = "auto"  # id fields: auto | int | str (see the module docstring)
+    # Dense fields (and bucketized ones): see :class:`esmm.config.FeatureConfig`.
+    transform: str = "none"
+    fill: float | str = "error"  # a number, "error", or "mean" until fitted
+    boundaries: tuple[float, ...] | None = None  # bucketize: ascending cut points
+    quantiles: int | None = None  # bucketize: boundaries fitted as N quantiles
+    stats: FieldStats | None = None  # fitted on the training split
+    id_type: str | None = None  # auto id fields: "int" or "str", the ids seen in training
+
+    @property
+    def numeric(self) -> bool:
+        """Whether the field's raw values are numbers (a dense field, bucketized or not)."""
+        return self.kind == "dense" or self.transform == "bucketize"
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain dict; the fitted-state keys are left out at their defaults, so the spec of
+        a model without transforms reads as it did before they existed."""
+        d = asdict(self)
+        for key, default in _OPTIONAL_DEFAULTS.items():
+            if d[key] == default:
+                del d[key]
+        if d.get("boundaries") is not None:
+            d["boundaries"] = list(d["boundaries"])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FieldSpec:
+        d = dict(d)
+        if d.get("boundaries") is not None:
+            d["boundaries"] = tuple(float(b) for b in d["boundaries"])
+        if d.get("stats") is not None:
+            d["stats"] = FieldStats(**d["stats"])
+        return cls(**d)
+
+
+_OPTIONAL_DEFAULTS: dict[str, Any] = {"transform": "none", "fill": "error", "boundaries": None,
+                                      "quantiles": None, "stats": None, "id_type": None}
 
 
 @dataclass(frozen=True)
@@ -127,11 +193,12 @@ class FeatureSpec:
         return sum(f.dim for f in self.sparse) + len(self.dense)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"fields": [asdict(f) for f in self.fields], "hash_version": self.hash_version}
+        return {"fields": [f.to_dict() for f in self.fields], "hash_version": self.hash_version}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> FeatureSpec:
-        return cls(tuple(FieldSpec(**f) for f in d["fields"]), d.get("hash_version", HASH_VERSION))
+        return cls(tuple(FieldSpec.from_dict(f) for f in d["fields"]),
+                   d.get("hash_version", HASH_VERSION))
 
 
 def spec_from_config(cfg: Config) -> FeatureSpec:
@@ -151,7 +218,21 @@ def spec_from_config(cfg: Config) -> FeatureSpec:
             pooling=f.pooling,
             dtype=f.dtype,
         ))
+        if f.kind == "dense":
+            fields[-1] = _dense_spec(fields[-1], f, cfg.model.embedding_dim)
     return FeatureSpec(tuple(fields))
+
+
+def _dense_spec(spec: FieldSpec, f: Any, embedding_dim: int) -> FieldSpec:
+    """A dense field's transform and fill; a bucketized field becomes an embedded id field
+    with one bucket per interval (``quantiles`` buckets at most, until fitted)."""
+    spec = replace(spec, transform=f.transform, fill=f.fill)
+    if f.transform != "bucketize":
+        return spec
+    bounds = tuple(f.boundaries) if f.boundaries is not None else None
+    return replace(spec, kind="categorical", dim=int(f.dim or embedding_dim),
+                   buckets=len(bounds) + 1 if bounds is not None else int(f.quantiles),
+                   boundaries=bounds, quantiles=f.quantiles)
 
 
 # --------------------------------------------------------------------------------------------
@@ -321,9 +402,37 @@ def canonical_ids(col: pa.ChunkedArray | pa.Array, field: FieldSpec, source: str
             column whose type a reader may have guessed: a string is then a string even where
             it looks like an integer, and ``auto`` does not refuse mixed strings.
     Returns:
-        (N,) int64 or string Arrow array. Raises DataError naming the row of a value that is
-        not an id of the field's type (see the module docstring).
+        (N,) int64 or string Arrow array (a bucketized dense field: (N,) float64 numbers).
+        Raises DataError naming the row of a value that is not an id of the field's type (see
+        the module docstring), or, for an ``auto`` field whose training id type is recorded
+        (``field.id_type``), ids of the other type.
     """
+    if field.transform == "bucketize":
+        return canonical_numbers(col, field, source)
+    out = _canonical_ids(col, field, source, typed)
+    if field.dtype == "auto" and field.id_type is not None:
+        _refuse_other_type(out, field, Rows.of(source))
+    return out
+
+
+def _refuse_other_type(ids: pa.Array, field: FieldSpec, rows: Rows) -> None:
+    """Ids of an ``auto`` field must be of the type seen in training: integer 7 and string
+    "7" hash to different buckets, so the model would silently score other ids."""
+    got = "str" if pa.types.is_string(ids.type) else "int"
+    if got == field.id_type or ids.null_count == len(ids):
+        return
+    i = _first(_bool_np(ids.is_valid()))
+    name, pos = rows.at(i)
+    words = {"int": "integer", "str": "string"}
+    raise DataError(
+        f"{name}: id field {field.name!r} holds {words[got]} ids ({pos}: "
+        f"{_short(ids[i].as_py())}) but the model was trained on {words[field.id_type]} ids "
+        f"(`dtype: auto`), and the two hash to different buckets; give {words[field.id_type]} "
+        "ids, or train with `dtype: str` on the field so that integers and strings hash alike")
+
+
+def _canonical_ids(col: pa.ChunkedArray | pa.Array, field: FieldSpec, source: str | Rows,
+                   typed: bool) -> pa.Array:
     rows = Rows.of(source)
     arr = _decoded(col)
     t = arr.type
@@ -384,8 +493,10 @@ def encode_categorical(col: pa.ChunkedArray | pa.Array, field: FieldSpec, source
     """Encode a single-valued id column (``typed``: see :func:`canonical_ids`).
 
     Returns:
-        (N,) int64 bucket ids.
+        (N,) int64 bucket ids; of a bucketized dense field, its bucket indices.
     """
+    if field.transform == "bucketize":
+        return encode_dense(col, field, source)
     return hash_ids(canonical_ids(col, field, source, typed=typed), field)
 
 
@@ -423,6 +534,8 @@ def _dense_values(arr: pa.Array, field: FieldSpec, rows: Rows) -> np.ndarray:
     t = arr.type
     if pa.types.is_integer(t) or pa.types.is_floating(t):
         return arr.to_numpy(zero_copy_only=False).astype(np.float64)
+    if pa.types.is_null(t):  # every value missing
+        return np.full(len(arr), np.nan)
     if pa.types.is_string(t) or pa.types.is_large_string(t):
         ok = _bool_np(pc.match_substring_regex(arr, _NUMBER)) | ~_bool_np(arr.is_valid())
         if not ok.all():
@@ -433,16 +546,14 @@ def _dense_values(arr: pa.Array, field: FieldSpec, rows: Rows) -> np.ndarray:
     raise DataError(f"{rows.name}: dense field {field.name!r} has type {t}; expected numbers")
 
 
-def encode_dense(col: pa.ChunkedArray | pa.Array, field: FieldSpec, source: str | Rows
-                 ) -> np.ndarray:
-    """Encode a dense column.
+def dense_values(col: pa.ChunkedArray | pa.Array, field: FieldSpec, source: str | Rows
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """A dense column's raw values, checked: (N,) float64 (missing as NaN) and (N,) bool
+    missing (null or NaN).
 
-    A missing value (null or NaN), an infinity, or a value beyond float32's range is an error
-    naming the field and the first such row: no silent imputation, and nothing that would turn
-    the towers' inputs into inf or NaN.
-
-    Returns:
-        (N,) float32.
+    An infinity or a value beyond float32's range is an error naming the field and the first
+    such row, and so is a missing value unless the field has a ``fill``: nothing may turn the
+    towers' inputs into inf or NaN.
     """
     rows = Rows.of(source)
     arr = _decoded(col)
@@ -453,7 +564,9 @@ def encode_dense(col: pa.ChunkedArray | pa.Array, field: FieldSpec, source: str 
     infinite = np.isinf(vals)
     with np.errstate(invalid="ignore"):
         over = ~missing & ~infinite & (np.abs(vals) > F32_MAX)
-    bad = missing | infinite | over
+    bad = infinite | over
+    if field.fill == "error":
+        bad = bad | missing
     if bad.any():
         i = _first(bad)
         name, pos = rows.at(i)
@@ -464,7 +577,79 @@ def encode_dense(col: pa.ChunkedArray | pa.Array, field: FieldSpec, source: str 
             f"{name}: dense field {field.name!r} has {int(bad.sum())} NaN, missing, infinite or "
             f"float32-overflowing value(s), first at {pos} ({what}); fill or drop them: a dense "
             "value must be a finite float32 number")
-    return vals.astype(np.float32)
+    return vals, missing
+
+
+def _unfitted(field: FieldSpec, rows: Rows, what: str) -> DataError:
+    return DataError(f"{rows.name}: dense field {field.name!r} needs {what} fitted on the "
+                     "training split, and this feature spec has none; encode with the spec of "
+                     "a trained run (its checkpoint or artifact), not one made from the config")
+
+
+def _filled(vals: np.ndarray, missing: np.ndarray, field: FieldSpec, rows: Rows) -> np.ndarray:
+    if not missing.any():
+        return vals
+    if isinstance(field.fill, str):  # "mean" before fitting ("error" has raised already)
+        raise _unfitted(field, rows, "the mean to fill missing values with")
+    return np.where(missing, field.fill, vals)
+
+
+def _scaled(vals: np.ndarray, field: FieldSpec, rows: Rows) -> np.ndarray:
+    """zscore / minmax / log1p of (N,) float64 values. Returns (N,) float64."""
+    if field.transform == "log1p":
+        low = vals <= -1.0
+        if low.any():
+            name, pos = rows.at(_first(low))
+            raise DataError(f"{name}: dense field {field.name!r} {pos} holds "
+                            f"{float(vals[low][0])!r}; `transform: log1p` needs values > -1 "
+                            "(shift the column, or use `transform: zscore`)")
+        return np.log1p(vals)
+    st = field.stats
+    if st is None:
+        raise _unfitted(field, rows, f"the statistics of `transform: {field.transform}`")
+    # A constant training column carries no information: it maps to 0, not to 0/0.
+    if field.transform == "zscore":
+        return (vals - st.mean) / (st.std if st.std > 0 else 1.0)
+    span = st.max - st.min
+    return (vals - st.min) / (span if span > 0 else 1.0)
+
+
+def encode_dense(col: pa.ChunkedArray | pa.Array, field: FieldSpec, source: str | Rows
+                 ) -> np.ndarray:
+    """Encode a dense column: check it (:func:`dense_values`), fill missing values with the
+    field's ``fill``, then apply its ``transform`` with the statistics fitted on the training
+    split. Training, evaluation, prediction, export and serving all encode through here.
+
+    Returns:
+        (N,) float32; for a ``bucketize`` field (N,) int64 bucket indices in
+        ``[0, len(boundaries)]``: ``searchsorted(boundaries, x, side="right")``, so a value
+        equal to a boundary falls in the bucket above it.
+    """
+    rows = Rows.of(source)
+    vals, missing = dense_values(col, field, rows)
+    vals = _filled(vals, missing, field, rows)
+    if field.transform == "bucketize":
+        if field.boundaries is None:
+            raise _unfitted(field, rows, "the quantile boundaries of `transform: bucketize`")
+        return np.searchsorted(np.asarray(field.boundaries), vals, side="right").astype(np.int64)
+    if field.transform == "none":
+        return vals.astype(np.float32)
+    out = _scaled(vals, field, rows)
+    over = ~(np.abs(out) <= F32_MAX)
+    if over.any():
+        name, pos = rows.at(_first(over))
+        raise DataError(f"{name}: dense field {field.name!r} {pos} holds {float(vals[over][0])!r}"
+                        f", which `transform: {field.transform}` takes beyond float32's range; "
+                        "the value is far outside the training split's range")
+    return out.astype(np.float32)
+
+
+def canonical_numbers(col: pa.ChunkedArray | pa.Array, field: FieldSpec, source: str | Rows
+                      ) -> pa.Array:
+    """A bucketized field's column, checked (:func:`dense_values`): (N,) float64, nulls kept."""
+    arr = _decoded(col)
+    dense_values(arr, field, source)
+    return arr.cast(pa.float64())
 
 
 def take_ragged(values: np.ndarray, offsets: np.ndarray, rows: np.ndarray

@@ -65,7 +65,7 @@ from esmm.export import (
     load_artifact,
     synthetic_columns,
 )
-from esmm.features import HASH_VERSION, FeatureSpec, FieldSpec
+from esmm.features import HASH_VERSION, TRANSFORMS, FeatureSpec, FieldSpec, FieldStats
 from esmm.models.base import OUTPUT_NAMES
 
 log = logging.getLogger(__name__)
@@ -216,18 +216,40 @@ def _id_problem(v: Any) -> str | None:
 
 def _value_problem(f: FieldSpec, v: Any) -> str | None:
     """Why ``v`` is not a valid raw value of field ``f``, or None."""
+    if f.numeric:
+        return None if v is None and f.fill != "error" else _number_problem(v)
     if f.kind == "categorical":
-        return _id_problem(v)
+        return _id_problem(v) or _id_type_problem(f, [v])
     if f.kind == "multi_categorical":
         if v is None:
             return None
         if type(v) is not list:
             return f"expected a list of ids (a bag), got {_tname(v)}"
         for j, x in enumerate(v):
-            p = _id_problem(x)
+            p = _id_problem(x) or _id_type_problem(f, [x])
             if p is not None:
                 return f"bag element {j}: {p}"
         return None
+    return _number_problem(v)
+
+
+def _id_type_problem(f: FieldSpec, ids: list[Any]) -> str | None:
+    """An id of the other type than training saw (``auto`` fields): it would hash elsewhere."""
+    if f.dtype != "auto" or f.id_type is None:
+        return None
+    other = str if f.id_type == "int" else (int, float)
+    v = next((v for v in ids if isinstance(v, other)), None)
+    if v is None:
+        return None
+    want, got, noun = (("an integer", "a string", "integer") if f.id_type == "int" else
+                       ("a string", "a number", "string"))
+    return (f"expected {want} id, got {got} ({_short(v)}): the model was trained on "
+            f"{noun} ids (`dtype: auto`) and the other type "
+            "hashes to other buckets; send the training type, or train with `dtype: str` on "
+            "the field so that both hash alike")
+
+
+def _number_problem(v: Any) -> str | None:
     if type(v) not in (int, float):
         return f"expected a number, got {_tname(v)}"
     try:
@@ -257,13 +279,16 @@ def _ids_ok(col: list[Any]) -> bool:
 
 
 def _column_ok(f: FieldSpec, col: list[Any]) -> bool:
-    if f.kind == "categorical":
-        return _ids_ok(col)
-    if f.kind == "multi_categorical":
+    if f.numeric:
+        if f.fill != "error":
+            col = [v for v in col if v is not None]
+    elif f.kind == "categorical":
+        return _ids_ok(col) and _id_type_problem(f, col) is None
+    else:
         if not set(map(type, col)) <= {list, type(None)}:
             return False
         flat = [x for b in col if b is not None for x in b]
-        return not flat or _ids_ok(flat)
+        return not flat or (_ids_ok(flat) and _id_type_problem(f, flat) is None)
     if not set(map(type, col)) <= {int, float}:
         return False
     try:
@@ -732,10 +757,10 @@ def _examples(predictor: Predictor) -> tuple[dict[str, Any], dict[str, Any]]:
     rows = [{f.name: cols[f.name][i] for f in spec.fields} for i in range(2)]
     for r in rows:  # readable ids
         for f in spec.fields:
-            if f.kind == "categorical":
+            if f.numeric:
+                r[f.name] = round(float(r[f.name]), 3) if r[f.name] is not None else None
+            elif f.kind == "categorical" and f.id_type != "str":
                 r[f.name] = int(r[f.name]) % 1000
-            elif f.kind == "dense":
-                r[f.name] = round(float(r[f.name]), 3)
     user_names = {f.name for f in spec.sparse[::2]}
     user = {k: v for k, v in rows[0].items() if k in user_names}
     cands = [{k: v for k, v in r.items() if k not in user_names} for r in rows]
@@ -976,6 +1001,10 @@ _MAX_METADATA_BYTES = 64 << 20
 _FIELD_KEYS = ("name", "kind", "buckets", "dim", "pooling")
 _OPTIONAL_FIELD_KEYS = ("dtype",)  # absent in artifacts of esmm 0.2: auto
 _DTYPES = ("auto", "int", "str")
+# The state fitted on the training split (absent in artifacts of esmm 0.2 and in fields
+# without transforms).
+_FITTED_KEYS = ("transform", "fill", "boundaries", "quantiles", "stats", "id_type")
+_STATS_KEYS = ("count", "missing", "mean", "std", "min", "max")
 _KINDS = ("categorical", "multi_categorical", "dense")
 _POOLINGS = ("sum", "mean")
 _ONNX_METADATA_PROPS = 14  # ModelProto.metadata_props, a repeated StringStringEntryProto
@@ -1116,10 +1145,10 @@ def _check_field(f: Any, key: str, seen: set[str]) -> FieldSpec:
     missing = [k for k in _FIELD_KEYS if k not in f]
     if missing:
         raise _BadMetadata(f"{key}.{missing[0]}", "missing")
-    extra = sorted(set(f) - set(_FIELD_KEYS) - set(_OPTIONAL_FIELD_KEYS))
+    extra = sorted(set(f) - set(_FIELD_KEYS) - set(_OPTIONAL_FIELD_KEYS) - set(_FITTED_KEYS))
     if extra:
         raise _BadMetadata(f"{key}.{extra[0]}", "unknown key (expected "
-                           f"{list(_FIELD_KEYS + _OPTIONAL_FIELD_KEYS)})")
+                           f"{list(_FIELD_KEYS + _OPTIONAL_FIELD_KEYS + _FITTED_KEYS)})")
     name = f["name"]
     if not isinstance(name, str) or not name or name in seen:
         what = "a second field" if name in seen else _short(name)
@@ -1130,7 +1159,52 @@ def _check_field(f: Any, key: str, seen: set[str]) -> FieldSpec:
     dim = _int_in(f["dim"], f"{key}.dim", 1, 1 << 20)
     buckets = _int_in(f["buckets"], f"{key}.buckets", 0 if kind == "dense" else 1)
     dtype = _one_of(f.get("dtype", "auto"), f"{key}.dtype", _DTYPES)
-    return FieldSpec(name, kind, buckets, dim, pooling, dtype=dtype)
+    return FieldSpec(name, kind, buckets, dim, pooling, dtype=dtype,
+                     **_check_fitted(f, key, kind, buckets))
+
+
+def _number(v: Any, key: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+        raise _BadMetadata(key, f"expected a finite number, got {_short(v)}")
+    return float(v)
+
+
+def _check_fitted(f: dict[str, Any], key: str, kind: str, buckets: int) -> dict[str, Any]:
+    """A field's transform and fitted state, complete for its transform (an encoder must never
+    meet a transform without its statistics)."""
+    transform = _one_of(f.get("transform", "none"), f"{key}.transform", TRANSFORMS)
+    numeric = kind == "dense" or transform == "bucketize"
+    if transform != "none" and kind != ("categorical" if transform == "bucketize" else "dense"):
+        raise _BadMetadata(f"{key}.transform", f"{transform!r} does not go with kind {kind!r}")
+    out: dict[str, Any] = {"transform": transform}
+    fill = f.get("fill", "error")
+    if fill != "error":
+        if not numeric:
+            raise _BadMetadata(f"{key}.fill", f"applies to dense fields, not kind {kind!r}")
+        out["fill"] = _number(fill, f"{key}.fill")
+    id_type = f.get("id_type")
+    if id_type is not None:
+        out["id_type"] = _one_of(id_type, f"{key}.id_type", ("int", "str"))
+    if f.get("quantiles") is not None:
+        out["quantiles"] = _int_in(f["quantiles"], f"{key}.quantiles", 2)
+    stats = f.get("stats")
+    if stats is not None or transform in ("zscore", "minmax"):
+        if not isinstance(stats, dict) or sorted(stats) != sorted(_STATS_KEYS):
+            raise _BadMetadata(f"{key}.stats", f"expected an object with keys "
+                               f"{list(_STATS_KEYS)}, got {_short(stats)}")
+        nums = {k: _number(stats[k], f"{key}.stats.{k}") for k in _STATS_KEYS}
+        out["stats"] = FieldStats(**nums | {"count": _int_in(stats["count"], f"{key}.stats.count",
+                                                             1),
+                                            "missing": _int_in(stats["missing"],
+                                                               f"{key}.stats.missing", 0)})
+    if transform == "bucketize":
+        b = f.get("boundaries")
+        if (not isinstance(b, list) or len(b) != buckets - 1
+                or not all(y > x for x, y in zip(b, b[1:], strict=False))):
+            raise _BadMetadata(f"{key}.boundaries", f"expected {buckets - 1} ascending numbers "
+                               f"(one fewer than buckets), got {_short(b)}")
+        out["boundaries"] = tuple(_number(x, f"{key}.boundaries") for x in b)
+    return out
 
 
 def _check_spec(spec: Any) -> FeatureSpec:

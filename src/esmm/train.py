@@ -58,12 +58,13 @@ from esmm.checkpoint import (
 )
 from esmm.config import Config, check_data_paths, dump_config, resolve_monitor
 from esmm.data.batches import Batch, num_batches, read_ahead
+from esmm.data.fit import training_spec
 from esmm.data.stream import Split, open_split, split_batches, take_encoded
 from esmm.data.tables import EncodedData
 from esmm.distributed import DistContext, GradientSync, shard_bounds
 from esmm.errors import ConfigError, DataError, EsmmError, UsageError
 from esmm.evaluate import evaluate, evaluate_arrays, predict_split
-from esmm.features import FeatureSpec, spec_from_config
+from esmm.features import FeatureSpec
 from esmm.fsio import write_text
 from esmm.losses import check_gradients, global_batch
 from esmm.models import build_model
@@ -280,7 +281,7 @@ def _train_locked(cfg: Config, run: Path, resume: bool, train_data: Split | None
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
     torch.manual_seed(tc.seed)
-    spec = spec_from_config(cfg)
+    spec = training_spec(cfg, state, train_data)
     if train_data is None:
         if not cfg.data.train:
             raise ConfigError("data.train is not set: give the training data path in the config "

@@ -147,7 +147,7 @@ class ParquetStream:
         schema = pq.read_schema(files[0])
         strings = _StringIds(self.spec, schema)
         ids = [f for f in self.spec.sparse if f.name in schema.names
-               and not _signed_ints(schema.field(f.name).type)]
+               and (f.numeric or not _signed_ints(schema.field(f.name).type))]
         for f in files:
             try:
                 pf = pq.ParquetFile(f)

@@ -87,6 +87,7 @@ class EncodedData:
     rows_read: int = 0
     dropped_conversion_without_click: int = 0
     kept_conversion_without_click: int = 0
+    spec: FeatureSpec | None = None  # the spec the split was encoded with
 
     @property
     def has_labels(self) -> bool:
@@ -609,7 +610,7 @@ def encode(raw: RawTables, spec: FeatureSpec, cfg: DataConfig, require_labels: b
 
     out = EncodedData(source=src, n=imp.num_rows, click=click, conversion=conversion,
                       rows_read=rows_read, dropped_conversion_without_click=dropped,
-                      kept_conversion_without_click=kept)
+                      kept_conversion_without_click=kept, spec=spec)
 
     # Join impressions to users by key.
     if users is None and raw.users is not None:
