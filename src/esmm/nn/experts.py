@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 
 import torch
@@ -65,6 +66,7 @@ class ExpertGroup(nn.Module):
         self.act = _ACT[activation]()
         self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.out_dim = d
+        self.register_load_state_dict_pre_hook(_from_per_expert_mlps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = x.shape[0]
@@ -98,3 +100,55 @@ class SoftmaxGate(nn.Module):
 def mix(experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Weighted sum of expert outputs: (B, n, H) and (B, n) -> (B, H)."""
     return torch.bmm(weights.unsqueeze(1), experts).squeeze(1)
+
+
+_PER_EXPERT = re.compile(r"experts\.(\d+)\.net\.(\d+)\.(\w+)$")
+
+
+def _from_per_expert_mlps(module: ExpertGroup, state_dict, prefix, *args) -> None:
+    """Load checkpoints written with one MLP per expert (``experts.I.net.J.NAME``).
+
+    Expert i's layer l was an ``nn.Linear`` (weight (d_out, d_in)), then optionally a
+    ``BatchNorm1d(d_out)``, at increasing ``J``; here layer l is row i of ``weights[l]``
+    (d_in, d_out) and ``biases[l]``, and units ``i * d_out`` to ``(i + 1) * d_out`` of
+    ``norms[l]``. The old keys are replaced in ``state_dict`` before loading.
+    """
+    old: dict[int, dict[int, dict[str, str]]] = {}  # expert -> J -> name -> key
+    for key in state_dict:
+        m = _PER_EXPERT.match(key[len(prefix):]) if key.startswith(prefix) else None
+        if m:
+            old.setdefault(int(m[1]), {}).setdefault(int(m[2]), {})[m[3]] = key
+    if not old:
+        return
+    per_expert = [_layers_of(old[i], state_dict) for i in sorted(old)]
+    n_layers = len(module.weights)
+    if sorted(old) != list(range(module.n)) or any(len(x) != n_layers for x in per_expert):
+        return  # another shape of model: load_state_dict names the first key that does not fit
+    for names in (names for keys in old.values() for names in keys.values()):
+        for key in names.values():
+            del state_dict[key]
+    for layer in range(n_layers):
+        linears = [layers[layer][0] for layers in per_expert]
+        state_dict[f"{prefix}weights.{layer}"] = torch.stack([w.t() for w, _ in linears])
+        state_dict[f"{prefix}biases.{layer}"] = torch.stack([b for _, b in linears])
+        norms = [layers[layer][1] for layers in per_expert]
+        if all(norms):
+            for name in ("weight", "bias", "running_mean", "running_var"):
+                state_dict[f"{prefix}norms.{layer}.{name}"] = torch.cat([s[name] for s in norms])
+            state_dict[f"{prefix}norms.{layer}.num_batches_tracked"] = (
+                norms[0]["num_batches_tracked"])
+
+
+def _layers_of(modules: dict[int, dict[str, str]], state_dict
+               ) -> list[tuple[tuple[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]]:
+    """One expert's old modules (J -> name -> key) as layers: ((W, b), BatchNorm state or {})."""
+    layers: list = []
+    for j in sorted(modules):
+        names = modules[j]
+        tensors = {name: state_dict[key] for name, key in names.items()}
+        if "running_mean" in tensors:  # the BatchNorm after the layer's Linear
+            if layers:
+                layers[-1] = (layers[-1][0], tensors)
+        elif "weight" in tensors and "bias" in tensors:
+            layers.append(((tensors["weight"], tensors["bias"]), {}))
+    return layers
