@@ -63,7 +63,9 @@ class ExpertGroup(nn.Module):
             self.biases.append(nn.Parameter(torch.empty(n, h).uniform_(-bound, bound)))
             self.norms.append(nn.BatchNorm1d(n * h) if batch_norm else nn.Identity())
             d = h
-        self.act = _ACT[activation]()
+        # In place, as in the towers: neither the products nor BatchNorm need their output
+        # for their backward, so ReLU saves a (B, n * d) buffer and a pass per layer.
+        self.act = nn.ReLU(inplace=True) if activation == "relu" else _ACT[activation]()
         self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.out_dim = d
         self.register_load_state_dict_pre_hook(_from_per_expert_mlps)
@@ -97,9 +99,26 @@ class SoftmaxGate(nn.Module):
         return torch.softmax(self.proj(x), dim=-1)
 
 
-def mix(experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Weighted sum of expert outputs: (B, n, H) and (B, n) -> (B, H)."""
-    return torch.bmm(weights.unsqueeze(1), experts).squeeze(1)
+def mix(experts: torch.Tensor | Sequence[torch.Tensor], weights: torch.Tensor
+        ) -> torch.Tensor:
+    """Weighted sum of expert outputs: (B, n, H) and (B, n) -> (B, H).
+
+    ``experts`` may also be groups (B, n_1, H), (B, n_2, H), ... with n_1 + n_2 + ... = n,
+    weighted in that order, so that PLE mixes a task's own and the shared experts without
+    concatenating them. A broadcast product and a sum over the experts: with n of a few and
+    B in the thousands, ``bmm`` of B (1, n) x (n, H) products is several times slower,
+    backward included.
+    """
+    if isinstance(experts, torch.Tensor):
+        return (weights.unsqueeze(-1) * experts).sum(1)
+    out = None
+    start = 0
+    for group in experts:
+        n = group.shape[1]
+        part = (weights[:, start:start + n].unsqueeze(-1) * group).sum(1)
+        out = part if out is None else out + part
+        start += n
+    return out
 
 
 _PER_EXPERT = re.compile(r"experts\.(\d+)\.net\.(\d+)\.(\w+)$")
