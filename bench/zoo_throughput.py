@@ -29,6 +29,7 @@ import resource
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from queue import Empty
 from typing import Any
@@ -242,22 +243,22 @@ def measure_rechub(data_dir: Path, backbone: str, batch: int, warmup: int, steps
             "params": r["params"], "peak_rss_mib": _peak_rss_mib()}
 
 
-def _child(queue: Any, kind: str, args: tuple, threads: int) -> None:
+def _child(queue: Any, fn: Callable[..., dict[str, Any]], args: tuple, threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
     try:
-        fn = measure_esmm if kind == "esmm" else measure_rechub
         queue.put(fn(*args))
     except Exception as e:  # noqa: BLE001 - reported in the results, the others still run
         queue.put({"error": f"{type(e).__name__}: {e}"})
 
 
-def run(kind: str, args: tuple, threads: int) -> dict[str, Any]:
-    """One measurement in a fresh process."""
+def run(fn: Callable[..., dict[str, Any]], args: tuple, threads: int) -> dict[str, Any]:
+    """``fn(*args)`` (a module-level function) in a fresh process on ``threads`` threads: its
+    result, or ``{"error": ...}`` when it raised or the process died without a result."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(queue, kind, args, threads))
+    proc = ctx.Process(target=_child, args=(queue, fn, args, threads))
     proc.start()
     while True:
         try:
@@ -298,9 +299,9 @@ def main(argv: list[str] | None = None) -> int:
         shape = (a.batch, a.warmup, a.steps)
         results: dict[str, Any] = {"setup": vars(a) | {"data": str(a.data), "out": str(a.out)}}
         for b in BACKBONES:
-            results[f"esmm {b}"] = run("esmm", (data_dir, b, *shape), a.threads)
+            results[f"esmm {b}"] = run(measure_esmm, (data_dir, b, *shape), a.threads)
         for b in RECHUB:
-            results[f"torch-rechub {b}"] = run("rechub", (data_dir, b, *shape), a.threads)
+            results[f"torch-rechub {b}"] = run(measure_rechub, (data_dir, b, *shape), a.threads)
     for b in RECHUB:
         mine, theirs = results[f"esmm {b}"], results[f"torch-rechub {b}"]
         if "error" not in mine and "error" not in theirs:

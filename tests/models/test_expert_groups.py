@@ -14,7 +14,7 @@ from esmm.checkpoint import load_model
 from esmm.data.tables import load_split
 from esmm.errors import EsmmError
 from esmm.evaluate import predict_arrays
-from esmm.nn.experts import ExpertGroup
+from esmm.nn.experts import ExpertGroup, mix
 
 PER_EXPERT = Path(__file__).parent.parent / "files" / "zoo-per-expert"  # written by make.py
 
@@ -97,3 +97,12 @@ def test_an_old_checkpoint_of_another_expert_count_is_refused_in_one_line(tmp_pa
     torch.save(ck, tmp_path / "mmoe.pt")
     with pytest.raises(EsmmError, match=r"weight 'backbone\.[^']*' has shape \(3, "):
         load_model(tmp_path / "mmoe.pt")
+
+
+def test_mixing_groups_of_experts_equals_mixing_them_concatenated():
+    torch.manual_seed(4)
+    own, shared = torch.randn(9, 2, 5), torch.randn(9, 3, 5)
+    w = torch.softmax(torch.randn(9, 5), -1)
+    both = torch.cat([own, shared], 1)
+    torch.testing.assert_close(mix([own, shared], w), mix(both, w))
+    torch.testing.assert_close(mix(both, w), torch.einsum("bn,bnh->bh", w, both))
