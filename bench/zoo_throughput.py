@@ -15,6 +15,10 @@ width, tables, experts and towers, trained by its ``MTLTrainer.train_one_epoch``
 length of the rows (as bench/train_throughput.py does for its ESMM), its two tasks click and
 click * conversion over all impressions. Both are timed over ``--steps`` steps after
 ``--warmup`` steps; samples/s = timed rows / timed seconds.
+
+These runs are defined here once; ``python bench/train_throughput.py --sizes zoo`` times the
+same runs at several thread counts, with the median over windows of steps, load and setup
+times and peak RSS beside the other sizes (the figures in docs/models.md come from it).
 """
 
 from __future__ import annotations
