@@ -58,6 +58,15 @@ Sizes (every size at each of ``--threads``, default 1 and 2):
     aliccp: the simulator's ``aliccp`` preset (long user behaviour bags) with ``features:
         aliccp`` (every Ali-CCP field, vocabularies summing to about 2M rows) and the demo's
         model and training settings (``esmm.demo.demo_config``), one epoch.
+    zoo (only when named in ``--sizes``): the multi-task zoo on the aliccp size's rows, as
+        bench/zoo_throughput.py defines it: ESMM (entire-space head) over every backbone
+        (``none``, shared-bottom, MMoE, PLE, DBMTL, AITM), embedding 16, towers 128-64,
+        batch 2048, Adam, esmm's own training step over batches made while training; and
+        torch-rechub 0.9.0's ``MMOE`` and ``PLE`` with the same tables, experts and towers,
+        trained by its ``MTLTrainer`` on its ``DataGenerator`` loader, bags padded to their
+        mean length. A row per run (step samples/s, peak RSS), and the ratio ``esmm /
+        torch-rechub`` for MMoE and PLE; ``load s`` is reading and encoding the rows (for
+        rechub, making its inputs from them).
     Every size trains on the demo's number of rows unless ``--rows`` is given.
     torch-rechub's towers always carry batch norm, so (a) and (b) turn it on at the small and
     aliccp sizes (the shipped config runs as is, without).
@@ -87,6 +96,8 @@ shared machine run it twice before trusting a difference of a few percent.
         --threads 1,2 --eval-rows 0
     python bench/train_throughput.py --sizes small --rows 200000 --steps 60 --eval-rows 0
     python bench/train_throughput.py --sizes aliccp --threads 4 --device cuda
+    python bench/train_throughput.py --sizes zoo --rows 100000 --steps 30 --threads 1,2 \
+        --eval-rows 0 --markdown
 """
 
 from __future__ import annotations
@@ -120,17 +131,26 @@ RECHUB_DIST = "torch-rechub"
 RECHUB_PINNED = "0.9.0"
 SMALL_MAX_VOCAB = 400_000
 SHIPPED_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "esmm_sim.yaml"
-SIZE_NAMES = ("small", "aliccp", "shipped", "shipped-grouped", "shipped-base")
+SIZE_NAMES = ("small", "aliccp", "shipped", "shipped-grouped", "shipped-base", "zoo")
 DEFAULT_SIZES = ("shipped", "shipped-grouped", "shipped-base", "small", "aliccp")
-KINDS = ("esmm", "stream", "plain", "cut", "rechub")
+# The zoo size: ESMM over every backbone, torch-rechub's MMoE and PLE (bench/zoo_throughput.py
+# defines these runs; this script times them like the other sizes).
+ZOO_BACKBONES = ("none", "shared_bottom", "mmoe", "ple", "dbmtl", "aitm")
+ZOO_RECHUB = ("mmoe", "ple")
+ZOO_ESMM = tuple(f"zoo-esmm-{b}" for b in ZOO_BACKBONES)
+ZOO_RECHUB_KINDS = tuple(f"zoo-rechub-{b}" for b in ZOO_RECHUB)
+KINDS = ("esmm", "stream", "plain", "cut", "rechub", *ZOO_ESMM, *ZOO_RECHUB_KINDS)
 # What each size measures: the shipped config's rechub comparison runs on bags cut alike.
 SIZE_KINDS = {"small": ("esmm", "stream", "plain", "rechub"),
               "aliccp": ("esmm", "stream", "plain", "rechub"),
               "shipped": ("esmm", "plain", "cut", "rechub"),
-              "shipped-grouped": ("esmm", "plain"), "shipped-base": ("esmm", "plain")}
+              "shipped-grouped": ("esmm", "plain"), "shipped-base": ("esmm", "plain"),
+              "zoo": (*ZOO_ESMM, *ZOO_RECHUB_KINDS)}
 LABELS = {"esmm": "(a) esmm.train", "stream": "(a') esmm.train, data.loader=stream",
           "plain": "(b) plain loop", "cut": "(a'') esmm.train, bags cut as (c)'s",
-          "rechub": "(c) torch-rechub"}
+          "rechub": "(c) torch-rechub",
+          **{f"zoo-esmm-{b}": f"esmm, backbone {b}" for b in ZOO_BACKBONES},
+          **{f"zoo-rechub-{b}": f"torch-rechub {b.upper()}" for b in ZOO_RECHUB}}
 EVAL_LOADERS = ("stream", "memory")
 
 
@@ -677,9 +697,25 @@ def measure_eval(job: Job) -> dict[str, Any]:
             "n_metrics": len(metrics)}
 
 
+def measure_zoo(job: Job) -> dict[str, Any]:
+    """A zoo run (``zoo-esmm-<backbone>`` or ``zoo-rechub-<backbone>``): the training loop of
+    bench/zoo_throughput.py on the aliccp rows, timed like the other runs."""
+    import zoo_throughput  # beside this file, which runs as a script: bench/ is on the path
+
+    set_threads(job.threads)
+    library, backbone = job.kind.split("-", 2)[1:]
+    steps = zoo_throughput.rechub_steps if library == "rechub" else zoo_throughput.esmm_steps
+    t_call = time.perf_counter()
+    r = steps(Path(job.data_dir), backbone, zoo_throughput.BATCH, job.steps, job.device)
+    return {**summarize(r["stamps"], r["samples"], job, t_call=t_call, t_loop=r["start"]),
+            "load_s": r["load_s"], "rows": r["rows"], "params": r["params"],
+            "peak_rss_mib": peak_rss_mib(), "device": job.device}
+
+
 MEASURES: dict[str, Callable[[Job], dict[str, Any]]] = {
     "esmm": measure_esmm, "stream": measure_esmm, "cut": measure_esmm, "plain": measure_plain,
     "rechub": measure_rechub, "eval": measure_eval,
+    **{kind: measure_zoo for kind in (*ZOO_ESMM, *ZOO_RECHUB_KINDS)},
 }
 
 
@@ -712,7 +748,9 @@ def rechub_label() -> str:
 
 
 def data_key(size: str) -> str:
-    """The folder of a size's data: the shipped sizes share theirs."""
+    """The folder of a size's data: the shipped sizes share theirs, zoo uses aliccp's."""
+    if size == "zoo":
+        return "aliccp"
     return "shipped" if size.startswith("shipped") else size
 
 
@@ -777,7 +815,9 @@ COLUMNS = ("size", "threads", "run", "device", "params", "rows", "steps", "load 
 # Ratio rows: (numerator kind, denominator kind, name).
 RATIOS = (("esmm", "plain", "a / b"), ("stream", "plain", "a' / b"),
           ("esmm", "rechub", "a / c"), ("stream", "rechub", "a' / c"),
-          ("cut", "rechub", "a'' / c"))
+          ("cut", "rechub", "a'' / c"),
+          *((f"zoo-esmm-{b}", f"zoo-rechub-{b}", f"esmm / torch-rechub, {b}")
+            for b in ZOO_RECHUB))
 
 
 def table_rows(size: str, threads: int, results: dict[str, dict[str, Any]],
@@ -803,7 +843,7 @@ def table_rows(size: str, threads: int, results: dict[str, dict[str, Any]],
         if mine == "esmm" and other == "rechub" and "cut" in results:
             continue  # the rechub comparison of this size is the one on cut bags
         a, o = results[mine], results[other]
-        e2e = ratio(a, o, "end_to_end_rate") if other == "rechub" else "-"
+        e2e = ratio(a, o, "end_to_end_rate") if "rechub" in other else "-"
         rows.append([size, str(threads), name, *[""] * 6, e2e, ratio(a, o, "step_rate"), "",
                      ratio(a, o, "peak_rss_mib")])
     return rows
@@ -899,7 +939,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--eval-rows", type=int, default=10_000_000,
                     help="impressions of the evaluation measurement (0: skip it); it scores "
                     "them with the --eval-size (a) model, streamed and in memory")
-    ap.add_argument("--eval-size", default="small", choices=SIZE_NAMES,
+    ap.add_argument("--eval-size", default="small",
+                    choices=[s for s in SIZE_NAMES if "esmm" in SIZE_KINDS[s]],
                     help="the size whose model and preset the evaluation uses")
     ap.add_argument("--warmup", type=int, default=5, help="steps before timing starts")
     ap.add_argument("--window", type=int, default=10, help="steps per timed window")
@@ -946,7 +987,7 @@ def measure_sizes(args: argparse.Namespace, work: Path, threads: int, labels: di
             if not (cut_dir / "train" / "users.parquet").is_file():
                 cut_bags(data_dir / "train", cut_dir / "train", lengths)
         for kind in SIZE_KINDS[size]:
-            if kind == "rechub" and skip_rechub:
+            if "rechub" in kind and skip_rechub:
                 results[kind] = {"skipped": skip_rechub}
                 continue
             run_dir = work / size / f"run-{kind}-{threads}"
@@ -1004,7 +1045,8 @@ def main(argv: list[str] | None = None) -> None:
     if crowded:
         log.warning("%s", crowded)
     t_start = time.perf_counter()
-    labels = {**LABELS, "rechub": rechub_label()}
+    labels = {**LABELS, "rechub": rechub_label(),
+              **{f"zoo-rechub-{b}": rechub_label()[4:] + f", {b.upper()}" for b in ZOO_RECHUB}}
     rows: list[list[str]] = []
     phases: list[list[str]] = []
     details: dict[str, dict[str, Any]] = {}

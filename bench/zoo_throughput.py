@@ -15,6 +15,10 @@ width, tables, experts and towers, trained by its ``MTLTrainer.train_one_epoch``
 length of the rows (as bench/train_throughput.py does for its ESMM), its two tasks click and
 click * conversion over all impressions. Both are timed over ``--steps`` steps after
 ``--warmup`` steps; samples/s = timed rows / timed seconds.
+
+These runs are defined here once; ``python bench/train_throughput.py --sizes zoo`` times the
+same runs at several thread counts, with the median over windows of steps, load and setup
+times and peak RSS beside the other sizes (the figures in docs/models.md come from it).
 """
 
 from __future__ import annotations
@@ -29,11 +33,14 @@ import resource
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from queue import Empty
 from typing import Any
 
 BACKBONES = ("none", "shared_bottom", "mmoe", "ple", "dbmtl", "aitm")
 RECHUB = ("mmoe", "ple")
+BATCH = 2048
 EMBEDDING_DIM = 16
 TOWER = [128, 64]
 MMOE = {"experts": 4, "expert": [256, 128]}
@@ -57,9 +64,21 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 
-def measure_esmm(data_dir: Path, backbone: str, batch: int, warmup: int, steps: int
-                 ) -> dict[str, Any]:
-    """ESMM over ``backbone``: esmm's own training step, timed."""
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def esmm_steps(data_dir: Path, backbone: str, batch: int, steps: int | None,
+               device: str = "cpu") -> dict[str, Any]:
+    """ESMM over ``backbone``: esmm's own training step (forward, losses, backward, optimizer
+    steps) over ``steps`` batches (None: one epoch), every step's end timestamped.
+
+    Returns ``stamps`` (end of step i + 1), ``samples`` (its rows), ``start`` (when the first
+    batch was asked for), ``load_s`` (reading and encoding the rows), ``rows``, ``params``.
+    """
     import torch
 
     from esmm.config import config_from_dict
@@ -71,20 +90,20 @@ def measure_esmm(data_dir: Path, backbone: str, batch: int, warmup: int, steps: 
 
     cfg = config_from_dict(_config(data_dir, backbone, batch))
     spec = spec_from_config(cfg)
+    t = time.perf_counter()
     data = load_split(cfg.data.train, spec, cfg.data)
+    load_s = time.perf_counter() - t
     torch.manual_seed(0)
-    model = build_model(cfg, spec)
+    model = build_model(cfg, spec).to(device)
     opts = build_optimizers(model, cfg)
     model.train()
     stamps: list[float] = []
-    timed = 0
-    for i, b in enumerate(split_batches(data, batch, shuffle=True, seed=0, epoch=0)):
-        if i == warmup + steps:
+    samples: list[int] = []
+    start = time.perf_counter()
+    for b in split_batches(data, batch, shuffle=True, seed=0, epoch=0):
+        if steps is not None and len(stamps) == steps:
             break
-        if i == warmup:
-            stamps.append(time.perf_counter())
-        if i >= warmup:
-            timed += b.size
+        b = b.to(device)
         out = model(b)
         total = model.total_loss(model.losses(out, b))
         for o in opts:
@@ -92,10 +111,26 @@ def measure_esmm(data_dir: Path, backbone: str, batch: int, warmup: int, steps: 
         total.backward()
         for o in opts:
             o.step()
-    stamps.append(time.perf_counter())
-    return {"samples_per_s": timed / (stamps[-1] - stamps[0]), "timed_rows": timed,
-            "params": sum(p.numel() for p in model.parameters()),
-            "peak_rss_mib": _peak_rss_mib()}
+        _sync(device)
+        stamps.append(time.perf_counter())
+        samples.append(b.size)
+    return {"stamps": stamps, "samples": samples, "start": start, "load_s": load_s,
+            "rows": data.n, "params": sum(p.numel() for p in model.parameters())}
+
+
+def timed_rate(r: dict[str, Any], warmup: int) -> float:
+    """Samples/s over the steps after the first ``warmup`` (from the end of the last warm-up
+    step, or from the first request for a batch when there is none)."""
+    t0 = r["stamps"][warmup - 1] if warmup > 0 else r["start"]
+    return sum(r["samples"][warmup:]) / (r["stamps"][-1] - t0)
+
+
+def measure_esmm(data_dir: Path, backbone: str, batch: int, warmup: int, steps: int
+                 ) -> dict[str, Any]:
+    """ESMM over ``backbone``: ``warmup`` steps, then ``steps`` timed."""
+    r = esmm_steps(data_dir, backbone, batch, warmup + steps)
+    return {"samples_per_s": timed_rate(r, warmup), "timed_rows": sum(r["samples"][warmup:]),
+            "params": r["params"], "peak_rss_mib": _peak_rss_mib()}
 
 
 def rechub_inputs(data_dir: Path, batch: int) -> tuple[dict[str, Any], Any, list[Any]]:
@@ -140,34 +175,47 @@ def rechub_inputs(data_dir: Path, batch: int) -> tuple[dict[str, Any], Any, list
 
 
 class _Timed:
-    """A loader that stops after ``cap`` batches and stamps each request for the next batch
-    (the trainer asks once its previous step is done)."""
+    """A loader that stops after ``cap`` batches (None: all) and stamps each request for the
+    next batch (the trainer asks once its previous step is done): ``stamps[0]`` is the first
+    request, ``stamps[i]`` the end of step i."""
 
-    def __init__(self, loader: Any, cap: int) -> None:
-        self.loader, self.cap, self.stamps, self.rows = loader, cap, [], []
+    def __init__(self, loader: Any, cap: int | None, device: str) -> None:
+        self.loader, self.cap, self.device = loader, cap, device
+        self.stamps: list[float] = []
+        self.rows: list[int] = []
 
     def __len__(self) -> int:
-        return min(len(self.loader), self.cap)
+        return len(self.loader) if self.cap is None else min(len(self.loader), self.cap)
 
     def __iter__(self):
-        for i, (xb, yb) in enumerate(self.loader):
+        batches = iter(self.loader)
+        while True:
+            _sync(self.device)
             self.stamps.append(time.perf_counter())
-            if i == self.cap:
+            if self.cap is not None and len(self.rows) == self.cap:
+                return
+            try:
+                xb, yb = next(batches)
+            except StopIteration:
                 return
             self.rows.append(int(yb.shape[0]))
             yield xb, yb
 
 
-def measure_rechub(data_dir: Path, backbone: str, batch: int, warmup: int, steps: int
-                   ) -> dict[str, Any]:
-    """torch-rechub's MMOE or PLE, trained by its MTLTrainer, timed."""
+def rechub_steps(data_dir: Path, backbone: str, batch: int, steps: int | None,
+                 device: str = "cpu") -> dict[str, Any]:
+    """torch-rechub's MMOE or PLE trained by its MTLTrainer over ``steps`` batches (None: one
+    epoch); the same keys as :func:`esmm_steps` (``load_s``: making its inputs from esmm's
+    encoded rows)."""
     import torch
     from torch_rechub.models.multi_task import MMOE as RMMOE
     from torch_rechub.models.multi_task import PLE as RPLE
     from torch_rechub.trainers import MTLTrainer
     from torch_rechub.utils.data import DataGenerator
 
+    t = time.perf_counter()
     x, y, features = rechub_inputs(data_dir, batch)
+    load_s = time.perf_counter() - t
     loader = DataGenerator(x, y).generate_dataloader(
         x_val=x, y_val=y, x_test=x, y_test=y, batch_size=batch)[0]
     torch.manual_seed(0)
@@ -180,36 +228,51 @@ def measure_rechub(data_dir: Path, backbone: str, batch: int, warmup: int, steps
                      PLE["shared_experts"], {"dims": PLE["expert"]}, towers)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = MTLTrainer(model, task_types=tasks, optimizer_fn=torch.optim.Adam,
-                             optimizer_params={"lr": 0.001}, n_epoch=1, device="cpu",
+                             optimizer_params={"lr": 0.001}, n_epoch=1, device=device,
                              model_path=tmp)
-        timed = _Timed(loader, warmup + steps)
+        timed = _Timed(loader, steps, device)
         # The trainer prints losses and draws a progress bar; keep them out of the output.
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             trainer.train_one_epoch(timed)
-    rows = sum(timed.rows[warmup:])
-    return {"samples_per_s": rows / (timed.stamps[-1] - timed.stamps[warmup]),
-            "timed_rows": rows, "params": sum(p.numel() for p in model.parameters()),
-            "peak_rss_mib": _peak_rss_mib()}
+    return {"stamps": timed.stamps[1:], "samples": timed.rows, "start": timed.stamps[0],
+            "load_s": load_s, "rows": len(y),
+            "params": sum(p.numel() for p in model.parameters())}
 
 
-def _child(queue: Any, kind: str, args: tuple, threads: int) -> None:
+def measure_rechub(data_dir: Path, backbone: str, batch: int, warmup: int, steps: int
+                   ) -> dict[str, Any]:
+    """torch-rechub's MMOE or PLE: ``warmup`` steps, then ``steps`` timed."""
+    r = rechub_steps(data_dir, backbone, batch, warmup + steps)
+    return {"samples_per_s": timed_rate(r, warmup), "timed_rows": sum(r["samples"][warmup:]),
+            "params": r["params"], "peak_rss_mib": _peak_rss_mib()}
+
+
+def _child(queue: Any, fn: Callable[..., dict[str, Any]], args: tuple, threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
     try:
-        fn = measure_esmm if kind == "esmm" else measure_rechub
         queue.put(fn(*args))
     except Exception as e:  # noqa: BLE001 - reported in the results, the others still run
         queue.put({"error": f"{type(e).__name__}: {e}"})
 
 
-def run(kind: str, args: tuple, threads: int) -> dict[str, Any]:
-    """One measurement in a fresh process."""
+def run(fn: Callable[..., dict[str, Any]], args: tuple, threads: int) -> dict[str, Any]:
+    """``fn(*args)`` (a module-level function) in a fresh process on ``threads`` threads: its
+    result, or ``{"error": ...}`` when it raised or the process died without a result."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(queue, kind, args, threads))
+    proc = ctx.Process(target=_child, args=(queue, fn, args, threads))
     proc.start()
-    result = queue.get()
+    while True:
+        try:
+            result = queue.get(timeout=5)
+            break
+        except Empty:
+            if not proc.is_alive():  # died before reporting (killed, out of memory)
+                result = {"error": f"the measuring process ended with exit code "
+                                   f"{proc.exitcode} and no result"}
+                break
     proc.join()
     return result
 
@@ -224,7 +287,7 @@ def simulate(data_dir: Path, rows: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", type=int, default=40_000, help="simulated training rows")
-    p.add_argument("--batch", type=int, default=2048)
+    p.add_argument("--batch", type=int, default=BATCH)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=15, help="timed steps")
     p.add_argument("--threads", type=int, default=1)
@@ -240,9 +303,9 @@ def main(argv: list[str] | None = None) -> int:
         shape = (a.batch, a.warmup, a.steps)
         results: dict[str, Any] = {"setup": vars(a) | {"data": str(a.data), "out": str(a.out)}}
         for b in BACKBONES:
-            results[f"esmm {b}"] = run("esmm", (data_dir, b, *shape), a.threads)
+            results[f"esmm {b}"] = run(measure_esmm, (data_dir, b, *shape), a.threads)
         for b in RECHUB:
-            results[f"torch-rechub {b}"] = run("rechub", (data_dir, b, *shape), a.threads)
+            results[f"torch-rechub {b}"] = run(measure_rechub, (data_dir, b, *shape), a.threads)
     for b in RECHUB:
         mine, theirs = results[f"esmm {b}"], results[f"torch-rechub {b}"]
         if "error" not in mine and "error" not in theirs:

@@ -45,11 +45,11 @@ class CGCLevel(nn.Module):
         outs = []
         for t, e, gate, x in zip(TASKS, own, self.task_gates, xs, strict=True):
             gates[f"gate_{t}"] = gate(x)
-            outs.append(mix(torch.cat([e, shared], dim=1), gates[f"gate_{t}"]))
+            outs.append(mix([e, shared], gates[f"gate_{t}"]))
         out_shared = None
         if self.shared_gate is not None:
             gates["gate_shared"] = self.shared_gate(x_shared)
-            out_shared = mix(torch.cat([*own, shared], dim=1), gates["gate_shared"])
+            out_shared = mix([*own, shared], gates["gate_shared"])
         return outs, out_shared, gates
 
 

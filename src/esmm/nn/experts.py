@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 
 import torch
@@ -62,9 +63,12 @@ class ExpertGroup(nn.Module):
             self.biases.append(nn.Parameter(torch.empty(n, h).uniform_(-bound, bound)))
             self.norms.append(nn.BatchNorm1d(n * h) if batch_norm else nn.Identity())
             d = h
-        self.act = _ACT[activation]()
+        # In place, as in the towers: neither the products nor BatchNorm need their output
+        # for their backward, so ReLU saves a (B, n * d) buffer and a pass per layer.
+        self.act = nn.ReLU(inplace=True) if activation == "relu" else _ACT[activation]()
         self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.out_dim = d
+        self.register_load_state_dict_pre_hook(_from_per_expert_mlps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = x.shape[0]
@@ -95,6 +99,75 @@ class SoftmaxGate(nn.Module):
         return torch.softmax(self.proj(x), dim=-1)
 
 
-def mix(experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Weighted sum of expert outputs: (B, n, H) and (B, n) -> (B, H)."""
-    return torch.bmm(weights.unsqueeze(1), experts).squeeze(1)
+def mix(experts: torch.Tensor | Sequence[torch.Tensor], weights: torch.Tensor
+        ) -> torch.Tensor:
+    """Weighted sum of expert outputs: (B, n, H) and (B, n) -> (B, H).
+
+    ``experts`` may also be groups (B, n_1, H), (B, n_2, H), ... with n_1 + n_2 + ... = n,
+    weighted in that order, so that PLE mixes a task's own and the shared experts without
+    concatenating them. A broadcast product and a sum over the experts: with n of a few and
+    B in the thousands, ``bmm`` of B (1, n) x (n, H) products is several times slower,
+    backward included.
+    """
+    if isinstance(experts, torch.Tensor):
+        return (weights.unsqueeze(-1) * experts).sum(1)
+    out = None
+    start = 0
+    for group in experts:
+        n = group.shape[1]
+        part = (weights[:, start:start + n].unsqueeze(-1) * group).sum(1)
+        out = part if out is None else out + part
+        start += n
+    return out
+
+
+_PER_EXPERT = re.compile(r"experts\.(\d+)\.net\.(\d+)\.(\w+)$")
+
+
+def _from_per_expert_mlps(module: ExpertGroup, state_dict, prefix, *args) -> None:
+    """Load checkpoints written with one MLP per expert (``experts.I.net.J.NAME``).
+
+    Expert i's layer l was an ``nn.Linear`` (weight (d_out, d_in)), then optionally a
+    ``BatchNorm1d(d_out)``, at increasing ``J``; here layer l is row i of ``weights[l]``
+    (d_in, d_out) and ``biases[l]``, and units ``i * d_out`` to ``(i + 1) * d_out`` of
+    ``norms[l]``. The old keys are replaced in ``state_dict`` before loading.
+    """
+    old: dict[int, dict[int, dict[str, str]]] = {}  # expert -> J -> name -> key
+    for key in state_dict:
+        m = _PER_EXPERT.match(key[len(prefix):]) if key.startswith(prefix) else None
+        if m:
+            old.setdefault(int(m[1]), {}).setdefault(int(m[2]), {})[m[3]] = key
+    if not old:
+        return
+    per_expert = [_layers_of(old[i], state_dict) for i in sorted(old)]
+    n_layers = len(module.weights)
+    if sorted(old) != list(range(module.n)) or any(len(x) != n_layers for x in per_expert):
+        return  # another shape of model: load_state_dict names the first key that does not fit
+    for names in (names for keys in old.values() for names in keys.values()):
+        for key in names.values():
+            del state_dict[key]
+    for layer in range(n_layers):
+        linears = [layers[layer][0] for layers in per_expert]
+        state_dict[f"{prefix}weights.{layer}"] = torch.stack([w.t() for w, _ in linears])
+        state_dict[f"{prefix}biases.{layer}"] = torch.stack([b for _, b in linears])
+        norms = [layers[layer][1] for layers in per_expert]
+        if all(norms):
+            for name in ("weight", "bias", "running_mean", "running_var"):
+                state_dict[f"{prefix}norms.{layer}.{name}"] = torch.cat([s[name] for s in norms])
+            state_dict[f"{prefix}norms.{layer}.num_batches_tracked"] = (
+                norms[0]["num_batches_tracked"])
+
+
+def _layers_of(modules: dict[int, dict[str, str]], state_dict
+               ) -> list[tuple[tuple[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]]:
+    """One expert's old modules (J -> name -> key) as layers: ((W, b), BatchNorm state or {})."""
+    layers: list = []
+    for j in sorted(modules):
+        names = modules[j]
+        tensors = {name: state_dict[key] for name, key in names.items()}
+        if "running_mean" in tensors:  # the BatchNorm after the layer's Linear
+            if layers:
+                layers[-1] = (layers[-1][0], tensors)
+        elif "weight" in tensors and "bias" in tensors:
+            layers.append(((tensors["weight"], tensors["bias"]), {}))
+    return layers
