@@ -115,17 +115,29 @@ class FlatEmbedding(nn.Module):
             for f in self.spec.sparse
         )
         self.output_dim = src.output_dim
+        self.attended = list(src.attended)
+        self.attention = src.attention  # the trained units (TargetAttention.padded here)
 
     def forward(self, batch: FlatBatch) -> torch.Tensor:
-        parts: list[torch.Tensor] = []
+        by_field: dict[str, torch.Tensor] = {}
         for i, f in enumerate(self.spec.sparse):
+            if f.attention is not None:
+                continue  # needs its query's embedding: below
             w = self.weights[i]
             rows = batch.rows[f.name]
             if len(rows) == 1:
                 e = F.embedding(rows[0], w)  # (R, D)
             else:
                 e = pool_bags(rows[0], rows[1], w, f.pooling)  # (R, D)
-            parts.append(e.index_select(0, batch.gather[f.name]))  # (N, D)
+            by_field[f.name] = e.index_select(0, batch.gather[f.name])  # (N, D)
+        for i, f in enumerate(self.spec.sparse):
+            if f.attention is not None:
+                values, offsets = batch.rows[f.name]
+                unit = self.attention[self.attended.index(f.name)]
+                by_field[f.name] = unit.padded(by_field[f.attention.query],
+                                               F.embedding(values, self.weights[i]), offsets,
+                                               batch.gather[f.name])  # (N, D)
+        parts = [by_field[f.name] for f in self.spec.sparse]
         if batch.dense is not None:
             parts.append(batch.dense)
         return torch.cat(parts, dim=1)  # (N, input_dim)
@@ -903,6 +915,8 @@ def field_list(spec: FeatureSpec) -> list[dict[str, Any]]:
             d.update(buckets=f.buckets, dim=f.dim)
         if f.kind == "multi_categorical":
             d["pooling"] = f.pooling
+        if f.attention is not None:
+            d["query"] = f.attention.query
         out.append(d)
     return out
 

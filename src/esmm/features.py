@@ -95,6 +95,22 @@ def hash_str_ids(values: pa.Array, name: str, buckets: int) -> np.ndarray:
 
 
 @dataclass(frozen=True)
+class AttentionSpec:
+    """The target attention of a ``pooling: attention`` bag (see
+    :class:`esmm.config.AttentionConfig`): the ``query`` field, the scoring MLP's ``hidden``
+    widths, ``weights`` (``none`` | ``softmax``) and the ``chunk`` of pairs scored at once."""
+
+    query: str
+    hidden: tuple[int, ...] = (80, 40)
+    weights: str = "none"
+    chunk: int = 65536
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> AttentionSpec:
+        return cls(**{**d, "hidden": tuple(d.get("hidden", (80, 40)))})
+
+
+@dataclass(frozen=True)
 class FieldSpec:
     """One input field after config resolution."""
 
@@ -104,6 +120,7 @@ class FieldSpec:
     dim: int
     pooling: str
     dtype: str = "auto"  # id fields: auto | int | str (see the module docstring)
+    attention: AttentionSpec | None = None  # pooling: attention only
 
 
 @dataclass(frozen=True)
@@ -127,11 +144,20 @@ class FeatureSpec:
         return sum(f.dim for f in self.sparse) + len(self.dense)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"fields": [asdict(f) for f in self.fields], "hash_version": self.hash_version}
+        # `attention` is left out where unset, so specs without it read as they always did.
+        fields = [{k: v for k, v in asdict(f).items() if k != "attention" or v is not None}
+                  for f in self.fields]
+        return {"fields": fields, "hash_version": self.hash_version}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> FeatureSpec:
-        return cls(tuple(FieldSpec(**f) for f in d["fields"]), d.get("hash_version", HASH_VERSION))
+        fields = []
+        for f in d["fields"]:
+            att = f.get("attention")
+            if att is not None:
+                f = {**f, "attention": AttentionSpec.from_dict(att)}
+            fields.append(FieldSpec(**f))
+        return cls(tuple(fields), d.get("hash_version", HASH_VERSION))
 
 
 def spec_from_config(cfg: Config) -> FeatureSpec:
@@ -150,8 +176,20 @@ def spec_from_config(cfg: Config) -> FeatureSpec:
             dim=int(f.dim or cfg.model.embedding_dim) if f.kind != "dense" else 1,
             pooling=f.pooling,
             dtype=f.dtype,
+            attention=_attention_spec(f),
         ))
     return FeatureSpec(tuple(fields))
+
+
+def _attention_spec(f: Any) -> AttentionSpec | None:
+    """The :class:`AttentionSpec` of a ``pooling: attention`` feature config, else None."""
+    if f.pooling != "attention":
+        return None
+    if f.attention is None:
+        return AttentionSpec(query=str(f.query))
+    a = f.attention
+    return AttentionSpec(query=str(f.query), hidden=tuple(a.hidden), weights=a.weights,
+                         chunk=a.chunk)
 
 
 # --------------------------------------------------------------------------------------------

@@ -65,7 +65,7 @@ from esmm.export import (
     load_artifact,
     synthetic_columns,
 )
-from esmm.features import HASH_VERSION, FeatureSpec, FieldSpec
+from esmm.features import HASH_VERSION, AttentionSpec, FeatureSpec, FieldSpec
 from esmm.models.base import OUTPUT_NAMES
 
 log = logging.getLogger(__name__)
@@ -974,10 +974,11 @@ def create_app(predictor: Predictor, limits: Limits | None = None, *,
 
 _MAX_METADATA_BYTES = 64 << 20
 _FIELD_KEYS = ("name", "kind", "buckets", "dim", "pooling")
-_OPTIONAL_FIELD_KEYS = ("dtype",)  # absent in artifacts of esmm 0.2: auto
+# dtype: absent in artifacts of esmm 0.2 (auto); attention: bags with `pooling: attention`
+_OPTIONAL_FIELD_KEYS = ("dtype", "attention")
 _DTYPES = ("auto", "int", "str")
 _KINDS = ("categorical", "multi_categorical", "dense")
-_POOLINGS = ("sum", "mean")
+_POOLINGS = ("sum", "mean", "attention")
 _ONNX_METADATA_PROPS = 14  # ModelProto.metadata_props, a repeated StringStringEntryProto
 
 
@@ -1130,7 +1131,29 @@ def _check_field(f: Any, key: str, seen: set[str]) -> FieldSpec:
     dim = _int_in(f["dim"], f"{key}.dim", 1, 1 << 20)
     buckets = _int_in(f["buckets"], f"{key}.buckets", 0 if kind == "dense" else 1)
     dtype = _one_of(f.get("dtype", "auto"), f"{key}.dtype", _DTYPES)
-    return FieldSpec(name, kind, buckets, dim, pooling, dtype=dtype)
+    attention = _check_attention(f.get("attention"), f"{key}.attention", pooling)
+    return FieldSpec(name, kind, buckets, dim, pooling, dtype=dtype, attention=attention)
+
+
+def _check_attention(a: Any, key: str, pooling: str) -> AttentionSpec | None:
+    """The attention of a field's metadata: present exactly when its pooling is attention.
+    (The graph holds the unit itself; the spec names the query for /metadata.)"""
+    if (a is None) != (pooling != "attention"):
+        raise _BadMetadata(key, "expected an object for `pooling: attention` and nothing "
+                           f"otherwise, got {_short(a)} with pooling {pooling!r}")
+    if a is None:
+        return None
+    if not isinstance(a, dict) or sorted(a) != ["chunk", "hidden", "query", "weights"]:
+        raise _BadMetadata(key, "expected an object with keys chunk, hidden, query and "
+                           f"weights, got {_short(a)}")
+    if not isinstance(a["query"], str) or not a["query"]:
+        raise _BadMetadata(f"{key}.query", f"expected a field name, got {_short(a['query'])}")
+    if not isinstance(a["hidden"], list) or not a["hidden"]:
+        raise _BadMetadata(f"{key}.hidden", f"expected a list of widths, got "
+                           f"{_short(a['hidden'])}")
+    hidden = tuple(_int_in(h, f"{key}.hidden", 1, 1 << 20) for h in a["hidden"])
+    weights = _one_of(a["weights"], f"{key}.weights", ("none", "softmax"))
+    return AttentionSpec(a["query"], hidden, weights, _int_in(a["chunk"], f"{key}.chunk", 1))
 
 
 def _check_spec(spec: Any) -> FeatureSpec:
