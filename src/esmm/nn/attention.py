@@ -9,7 +9,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.autograd.function import once_differentiable
 
 
 class TransferAttention(nn.Module):
@@ -53,9 +53,12 @@ class TargetAttention(nn.Module):
     size says how much of a user's behaviour matches the item. An empty bag pools to zeros.
 
     The first layer is linear in [q, k, q - k, q * k], so it is computed as
-    ``(W_q + W_d) q + b`` once per impression, ``(W_k - W_d) k`` once per bag element of
-    the (de-duplicated) bag rows, and only ``W_p (q * k)`` per (impression, element) pair:
-    the same function as the paper's layer, with a quarter of its per-pair work.
+    ``(W_q + W_d) q + b`` once per impression and ``[W_k - W_d, W_p] [k, q * k]`` per
+    (impression, element) pair: the same function as the paper's layer, with half of its
+    per-pair work. (Projecting each key once per de-duplicated bag row instead would save
+    little, a user having about two impressions in a shuffled batch, and would hold a
+    (bag elements, H) array and its gradient per chunk: the chunking would no longer bound
+    the memory.)
 
     Two evaluation orders of the same function:
 
@@ -88,15 +91,14 @@ class TargetAttention(nn.Module):
         layers.append(nn.Linear(hidden[-1], 1))
         self.rest = nn.Sequential(*layers)
 
-    def _project(self, query: torch.Tensor, keys: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The first layer's per-query (N, H) and per-key (nnz, H) terms, and W_p (H, D)."""
+    def _project(self, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first layer's per-query term (N, H) and its per-pair weight (H, 2D) over
+        [k, q * k]."""
         d = self.dim
         w = self.first.weight  # (H, 4D) over [q, k, q - k, q * k]
         w_q, w_k, w_d, w_p = w[:, :d], w[:, d:2 * d], w[:, 2 * d:3 * d], w[:, 3 * d:]
         a_q = torch.addmm(self.first.bias, query, (w_q + w_d).t())  # (N, H)
-        a_k = keys @ (w_k - w_d).t()  # (nnz, H)
-        return a_q, a_k, w_p
+        return a_q, torch.cat([w_k - w_d, w_p], dim=1)
 
     def forward(self, query: torch.Tensor, keys: torch.Tensor, offsets: torch.Tensor,
                 rows: torch.Tensor) -> torch.Tensor:
@@ -114,16 +116,17 @@ class TargetAttention(nn.Module):
         """
         lengths = offsets.diff().index_select(0, rows)  # (N,)
         starts = offsets[:-1].index_select(0, rows)  # (N,)
-        a_q, a_k, w_p = self._project(query, keys)
+        a_q, w_kp = self._project(query)
         bounds = _chunk_bounds(lengths, self.chunk)
         if len(bounds) == 1:
-            return _attend_flat(self, query, a_q, keys, a_k, w_p, starts, lengths)
+            return _attend_flat(self, query, a_q, keys, w_kp, starts, lengths)
         recompute = torch.is_grad_enabled()
+        params = list(self.rest.parameters())
         outs = []
         for i, j in bounds:
-            args = (query[i:j], a_q[i:j], keys, a_k, w_p, starts[i:j], lengths[i:j])
+            args = (query[i:j], a_q[i:j], keys, w_kp, starts[i:j], lengths[i:j])
             if recompute:
-                outs.append(checkpoint(_attend_flat, self, *args, use_reentrant=False))
+                outs.append(_RecomputedChunk.apply(self, *args, *params))
             else:
                 outs.append(_attend_flat(self, *args))
         return torch.cat(outs)
@@ -136,7 +139,7 @@ class TargetAttention(nn.Module):
         """
         lengths = (offsets[1:] - offsets[:-1]).index_select(0, rows)  # (N,)
         starts = offsets[:-1].index_select(0, rows)  # (N,)
-        a_q, a_k, w_p = self._project(query, keys)
+        a_q, w_kp = self._project(query)
         j = torch.arange(lengths.max(), device=lengths.device)  # (L,)
         mask = j.unsqueeze(0) < lengths.unsqueeze(1)  # (N, L)
         pos = torch.where(mask, starts.unsqueeze(1) + j.unsqueeze(0), torch.zeros_like(mask,
@@ -144,7 +147,7 @@ class TargetAttention(nn.Module):
         # Gathers by the 2-D index, not a flat gather and a reshape: ONNX reads a 0 in a
         # reshape's shape (L = 0: every bag empty) as "keep this dimension".
         k = F.embedding(pos, keys)  # (N, L, D)
-        h = a_q.unsqueeze(1) + F.embedding(pos, a_k) + (query.unsqueeze(1) * k) @ w_p.t()
+        h = a_q.unsqueeze(1) + torch.cat([k, query.unsqueeze(1) * k], dim=2) @ w_kp.t()
         s = self.rest(h).squeeze(-1)  # (N, L)
         if self.weights == "softmax":
             # A -inf column keeps the reduction defined when every bag of the call is empty.
@@ -158,6 +161,34 @@ class TargetAttention(nn.Module):
         else:
             w = torch.where(mask, s, torch.zeros_like(s))
         return (w.unsqueeze(-1) * k).sum(dim=1)  # (N, D)
+
+
+class _RecomputedChunk(torch.autograd.Function):
+    """:func:`_attend_flat` over one chunk, its activations recomputed in the backward pass.
+
+    Only the inputs are kept (the query, its first-layer term, the shared keys and weight),
+    so the memory of a batch's attention is one chunk's activations whatever its number of
+    chunks. (``torch.utils.checkpoint``'s non-reentrant mode, measured on a 1.6M-pair batch,
+    held on to every chunk's; its reentrant mode refuses ``torch.autograd.grad``.)
+    """
+
+    @staticmethod
+    def forward(ctx, unit, query, a_q, keys, w_kp, starts, lengths, *params):  # noqa: D102
+        ctx.unit = unit
+        ctx.save_for_backward(query, a_q, keys, w_kp, starts, lengths)
+        with torch.no_grad():
+            return _attend_flat(unit, query, a_q, keys, w_kp, starts, lengths)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):  # noqa: D102
+        query, a_q, keys, w_kp, starts, lengths = ctx.saved_tensors
+        inputs = [t.detach().requires_grad_() for t in (query, a_q, keys, w_kp)]
+        params = list(ctx.unit.rest.parameters())
+        with torch.enable_grad():
+            out = _attend_flat(ctx.unit, *inputs, starts, lengths)
+        grads = torch.autograd.grad(out, inputs + params, grad, allow_unused=True)
+        return (None, *grads[:4], None, None, *grads[4:])
 
 
 def _chunk_bounds(lengths: torch.Tensor, chunk: int) -> list[tuple[int, int]]:
@@ -175,12 +206,12 @@ def _chunk_bounds(lengths: torch.Tensor, chunk: int) -> list[tuple[int, int]]:
 
 
 def _attend_flat(unit: TargetAttention, query: torch.Tensor, a_q: torch.Tensor,
-                 keys: torch.Tensor, a_k: torch.Tensor, w_p: torch.Tensor,
-                 starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+                 keys: torch.Tensor, w_kp: torch.Tensor, starts: torch.Tensor,
+                 lengths: torch.Tensor) -> torch.Tensor:
     """The pooled bags of N impressions, over their T pairs laid flat.
 
     Args:
-        query: (N, D); a_q: (N, H); keys: (nnz, D); a_k: (nnz, H); w_p: (H, D);
+        query: (N, D); a_q: (N, H); keys: (nnz, D); w_kp: (H, 2D);
         starts, lengths: (N,) each impression's first element in ``keys`` and bag length.
     Returns:
         (N, D).
@@ -195,8 +226,8 @@ def _attend_flat(unit: TargetAttention, query: torch.Tensor, a_q: torch.Tensor,
     first = (lengths.cumsum(0) - lengths).index_select(0, seg)
     pos = starts.index_select(0, seg) + torch.arange(total, device=seg.device) - first  # (T,)
     k = keys.index_select(0, pos)  # (T, D)
-    h = a_q.index_select(0, seg) + a_k.index_select(0, pos) + (query.index_select(0, seg) * k
-                                                               ) @ w_p.t()  # (T, H)
+    h = torch.addmm(a_q.index_select(0, seg),
+                    torch.cat([k, query.index_select(0, seg) * k], dim=1), w_kp.t())  # (T, H)
     s = unit.rest(h).squeeze(1)  # (T,)
     if unit.weights == "softmax":
         top = s.new_full((n,), float("-inf")).scatter_reduce(0, seg, s.detach(), "amax")
