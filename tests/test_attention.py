@@ -335,3 +335,31 @@ def test_flat_data_attention_matches_predict(flat_data, tmp_path):
         {f.name: head.column(f.name) for f in spec.fields})
     for k in ("p_ctr", "p_cvr", "p_ctcvr"):
         np.testing.assert_allclose(got[k], ref[k], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_artifact_scores_long_requests_in_row_chunks(attention_run, tmp_path, fmt):
+    """Rows cut into runs of bounded (row, bag element) pairs score as in one call."""
+    ex.export_run(attention_run, fmt, tmp_path / f"m.{fmt}", parity_rows=64)
+    pred = ex.load_artifact(tmp_path / f"m.{fmt}")
+    assert pred.attention_pairs == 2000  # the field's attention.chunk
+    rng = np.random.default_rng(1)
+    n = 200
+    items = rng.integers(0, 1500, n).tolist()
+    bags = [rng.integers(0, 200, k).tolist() for k in rng.integers(0, 30, n)]
+    cols = {"205": items, "206": [i % 50 for i in items], "d1": rng.random(n).tolist(),
+            "101": rng.integers(0, 300, n).tolist(), "121": rng.integers(0, 6, n).tolist(),
+            "109_14": bags}
+    user = {"101": 5, "121": 2, "109_14": rng.integers(0, 200, 40).tolist()}
+    shared_cols = {k: v for k, v in cols.items() if k not in user}
+    whole = [pred.run(pred.encode_columns(cols)),
+             pred.run(pred.encode_columns(shared_cols, user))]
+    pred.attention_pairs = 37
+    per_row = pred.encode_columns(cols)
+    assert len(pred.row_chunks(per_row)) > 10
+    assert len(pred.row_chunks(pred.encode_columns(shared_cols, user))) == n  # 40 > 37
+    chunked = [pred.run(per_row), pred.run(pred.encode_columns(shared_cols, user))]
+    for a, b in zip(whole, chunked, strict=True):
+        for k in a:
+            assert b[k].shape == (n,)
+            np.testing.assert_allclose(b[k], a[k], atol=1e-6, rtol=0)
