@@ -363,3 +363,20 @@ def test_artifact_scores_long_requests_in_row_chunks(attention_run, tmp_path, fm
         for k in a:
             assert b[k].shape == (n,)
             np.testing.assert_allclose(b[k], a[k], atol=1e-6, rtol=0)
+
+
+def test_chunks_recompute_under_the_forward_autocast():
+    """bf16 autocast: chunked gradients equal the one-chunk ones (the recomputation runs
+    under the forward's autocast; outside it, it would mix bf16 and float32 inputs)."""
+    torch.manual_seed(5)
+    unit = TargetAttention(6, (12, 5), "none", chunk=4)
+    query, keys, offsets, rows = (t.float() if t.is_floating_point() else t for t in _inputs())
+    grads = []
+    for chunk in (4, 10**6):
+        unit.chunk = chunk
+        k = keys.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = unit(query, k, offsets, rows)
+        out.float().sum().backward()
+        grads.append(k.grad)
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=0)

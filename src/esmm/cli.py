@@ -483,8 +483,9 @@ BOOT_HELP = ("Bootstrap replicates over test users for the tables with intervals
              "the test split has simulator ground truth).")
 REPORTS_HELP = ("Also write each run's `esmm report` page on the test split "
                 "(runs/.../report/report.html) and link them all from report.md. Off by default: "
-                "a page re-scores the test split and draws its plots, about 8 s per run at 10k "
-                "test rows, more than training a 20k-row epoch. A run reused from a call "
+                "a page re-scores the test split and draws its plots, 8 s or more per run at "
+                "10k test rows, longer than training on a 20k-row epoch (docs/models.md). A "
+                "run reused from a call "
                 "without --reports has no checkpoint left to report on unless it was kept "
                 "(--keep-checkpoints); --fresh retrains it.")
 KEEP_HELP = ("Keep each run's checkpoints/ (by default they are deleted once the run's test "

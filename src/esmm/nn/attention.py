@@ -175,6 +175,11 @@ class _RecomputedChunk(torch.autograd.Function):
     @staticmethod
     def forward(ctx, unit, query, a_q, keys, w_kp, starts, lengths, *params):  # noqa: D102
         ctx.unit = unit
+        # The recomputation runs under the forward's autocast (train.precision), so that it
+        # reproduces the forward's values.
+        device = query.device.type
+        ctx.autocast = (device, torch.get_autocast_dtype(device),
+                        torch.is_autocast_enabled(device))
         ctx.save_for_backward(query, a_q, keys, w_kp, starts, lengths)
         with torch.no_grad():
             return _attend_flat(unit, query, a_q, keys, w_kp, starts, lengths)
@@ -185,7 +190,8 @@ class _RecomputedChunk(torch.autograd.Function):
         query, a_q, keys, w_kp, starts, lengths = ctx.saved_tensors
         inputs = [t.detach().requires_grad_() for t in (query, a_q, keys, w_kp)]
         params = list(ctx.unit.rest.parameters())
-        with torch.enable_grad():
+        device, dtype, enabled = ctx.autocast
+        with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
             out = _attend_flat(ctx.unit, *inputs, starts, lengths)
         grads = torch.autograd.grad(out, inputs + params, grad, allow_unused=True)
         return (None, *grads[:4], None, None, *grads[4:])
