@@ -52,6 +52,12 @@ Sizes (every size at each of ``--threads``, default 1 and 2):
     shipped-grouped: the same with ``train.shuffle_block: 64`` (users' impressions kept
         together, the demo's setting).
     shipped-base: the same config with ``model.name=base`` (two nets, two embedding sets).
+    shipped-attention: the same config with the four user behaviour bags pooled by DIN
+        target attention (``pooling: attention``, the default unit: MLP 80-40, unnormalised
+        weights) instead of mean, each attended with the item field it describes (categories
+        109_14 by 206, shops 110_14 by 207, brands 127_14 by 216, intention nodes 150_14 by
+        the item 205); (a) only, and ``a / a(shipped)``, its speed and memory over the
+        shipped config's (mean pooling) in the same call, when ``shipped`` runs too.
     small: the simulator's ``dense`` preset, single-valued categorical fields only (vocabularies
         cut at 400k), embedding 16, towers 256-128-64 with batch norm, batch 4096, Adam; about
         10M parameters.
@@ -131,7 +137,8 @@ RECHUB_DIST = "torch-rechub"
 RECHUB_PINNED = "0.9.0"
 SMALL_MAX_VOCAB = 400_000
 SHIPPED_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "esmm_sim.yaml"
-SIZE_NAMES = ("small", "aliccp", "shipped", "shipped-grouped", "shipped-base", "zoo")
+SIZE_NAMES = ("small", "aliccp", "shipped", "shipped-grouped", "shipped-base",
+              "shipped-attention", "zoo")
 DEFAULT_SIZES = ("shipped", "shipped-grouped", "shipped-base", "small", "aliccp")
 # The zoo size: ESMM over every backbone, torch-rechub's MMoE and PLE (bench/zoo_throughput.py
 # defines these runs; this script times them like the other sizes).
@@ -145,7 +152,10 @@ SIZE_KINDS = {"small": ("esmm", "stream", "plain", "rechub"),
               "aliccp": ("esmm", "stream", "plain", "rechub"),
               "shipped": ("esmm", "plain", "cut", "rechub"),
               "shipped-grouped": ("esmm", "plain"), "shipped-base": ("esmm", "plain"),
+              "shipped-attention": ("esmm",),
               "zoo": (*ZOO_ESMM, *ZOO_RECHUB_KINDS)}
+# shipped-attention: each user behaviour bag and the item field its ids describe.
+ATTENTION_QUERIES = {"109_14": "206", "110_14": "207", "127_14": "216", "150_14": "205"}
 LABELS = {"esmm": "(a) esmm.train", "stream": "(a') esmm.train, data.loader=stream",
           "plain": "(b) plain loop", "cut": "(a'') esmm.train, bags cut as (c)'s",
           "rechub": "(c) torch-rechub",
@@ -192,7 +202,18 @@ def shipped_overrides(size: str) -> list[str]:
     """``--set`` overrides of configs/esmm_sim.yaml for a shipped size: none for ``shipped``
     (the config as is: rows shuffled, ESMM), users grouped in blocks of 64 rows, or BASE."""
     return {"shipped": [], "shipped-grouped": ["train.shuffle_block=64"],
-            "shipped-base": ["model.name=base"]}[size]
+            "shipped-base": ["model.name=base"], "shipped-attention": []}[size]
+
+
+def attention_features() -> list[dict[str, Any]]:
+    """The ``aliccp`` preset's fields with the user behaviour bags pooled by attention."""
+    from esmm.config import feature_preset
+
+    out = feature_preset("aliccp")
+    for f in out:
+        if f["name"] in ATTENTION_QUERIES:
+            f.update(pooling="attention", query=ATTENTION_QUERIES[f["name"]])
+    return out
 
 
 def default_rows() -> int:
@@ -239,6 +260,8 @@ def _config_tree(size: str, data_dir: Path, steps: int | None, threads: int) -> 
                         "train": str(data_dir / "train")}
         tree["train"] = {**tree["train"], **train}
         tree["train"].pop("early_stop", None)
+        if size == "shipped-attention":
+            tree["features"] = attention_features()
         return tree
     if size == "small":
         return {
@@ -859,6 +882,17 @@ def grouping_rows(threads: int, details: dict[str, dict[str, Any]]) -> list[list
              ratio(a, g, "peak_rss_mib")]]
 
 
+def attention_rows(threads: int, details: dict[str, dict[str, Any]]) -> list[list[str]]:
+    """(a) with the behaviour bags attended over (a) of the shipped config (mean pooling)."""
+    a = details.get("shipped-attention", {}).get("esmm")
+    m = details.get("shipped", {}).get("esmm")
+    if not a or not m:
+        return []
+    return [["shipped-attention", str(threads), "a / a(shipped)", *[""] * 6,
+             ratio(a, m, "end_to_end_rate"), ratio(a, m, "step_rate"), "",
+             ratio(a, m, "peak_rss_mib")]]
+
+
 PHASE_COLUMNS = ("size", "threads", "batch ms", "forward + loss ms", "backward ms",
                  "optimizer step ms", "step ms (forward to step)")
 
@@ -1003,7 +1037,8 @@ def measure_sizes(args: argparse.Namespace, work: Path, threads: int, labels: di
         rows += table_rows(size, threads, results, labels)
         phases += phase_rows(size, threads, results)
         details[size] = results
-    return rows + grouping_rows(threads, details), phases, details
+    return (rows + grouping_rows(threads, details) + attention_rows(threads, details), phases,
+            details)
 
 
 def measure_evaluation(args: argparse.Namespace, work: Path, details: dict[str, Any]

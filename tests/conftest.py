@@ -83,6 +83,10 @@ FEATURES = [
     {"name": "d1", "kind": "dense"},
 ]
 
+# The same fields with the behaviour bag pooled by DIN target attention on the item.
+ATTENTION_FEATURES = [*FEATURES[:4], {**FEATURES[4], "pooling": "attention", "query": "205",
+                                      "attention": {"hidden": [16, 8]}}, FEATURES[5]]
+
 
 def small_config(train: Path, eval_: Path | None = None, **train_kw) -> dict:
     return {

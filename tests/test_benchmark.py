@@ -2,6 +2,8 @@
 
 import csv
 import json
+import re
+from html.parser import HTMLParser
 
 import pytest
 from typer.testing import CliRunner
@@ -429,3 +431,96 @@ def test_oracle_interval_counts_each_world_once():
     assert oracle["cvr_auc_runs"] == 3
     assert (oracle["cvr_auc_seed_low"], oracle["cvr_auc_seed_high"]) == pytest.approx(
         (est.low, est.high))
+
+
+# ----------------------------------------------------------------------------- per-run reports
+
+_LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)\)")  # links, not images
+
+
+class _Page(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.tags, self.images = [], []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        if tag == "img":
+            self.images.append(dict(attrs).get("src", ""))
+
+
+def _linked_pages(out):
+    """Every link of report.md: each must be relative and resolve to an HTML page with PNG
+    plots. Returns the resolved pages."""
+    links = _LINK.findall((out / "report.md").read_text())
+    pages = []
+    for link in links:
+        assert not link.startswith(("/", "http")), link
+        page = (out / link).resolve()
+        assert page.is_file() and page.suffix == ".html", link
+        parser = _Page()
+        parser.feed(page.read_text())
+        assert "html" in parser.tags and parser.images, link
+        assert all(src.startswith("data:image/png;base64,") for src in parser.images), link
+        pages.append(page)
+    return pages
+
+
+def test_paper_reports_are_linked_and_reused_runs_are_reported(sim_dir, tmp_path,
+                                                               monkeypatch):
+    out = tmp_path / "paper"
+    args = ["benchmark", "paper", "--data", str(sim_dir), "--seeds", "2", "--out", str(out),
+            "--methods", "base,esmm", "--budget", "base=1", "--budget", "ctr_net=1", *FAST]
+    res = runner.invoke(app, [*args, "--keep-checkpoints"])
+    assert res.exit_code == 0, _out(res)
+    assert _linked_pages(out) == []
+    assert "rerun with `--reports`" in (out / "report.md").read_text()
+    # Runs kept with their checkpoints get their pages when reused: nothing retrains.
+    monkeypatch.setattr(benchmark, "train", lambda *a, **k: pytest.fail("trained again"))
+    res = runner.invoke(app, [*args, "--reports"])
+    assert res.exit_code == 0, _out(res)
+    pages = _linked_pages(out)
+    expected = {out / "runs" / f"{m}-seed{s}" / "report" / "report.html"
+                for m in ("base", "esmm", benchmark.CTR_NET) for s in (0, 1)}
+    assert set(pages) == {p.resolve() for p in expected}
+    assert "| - | 0 | ESMM | 1 | [runs/esmm-seed1/report/report.html]" in (
+        out / "report.md").read_text()
+
+
+def test_reused_runs_without_checkpoints_say_why_they_have_no_page(sim_dir, tmp_path):
+    out = tmp_path / "paper"
+    args = ["benchmark", "paper", "--data", str(sim_dir), "--seeds", "1", "--out", str(out),
+            "--methods", "esmm", *FAST]
+    assert runner.invoke(app, args).exit_code == 0
+    res = runner.invoke(app, [*args, "--reports"])
+    assert res.exit_code == 0, _out(res)
+    assert _linked_pages(out) == []
+    assert "| - | 0 | ESMM | 0 | none (checkpoints deleted; `--fresh` retrains) |" in (
+        out / "report.md").read_text()
+
+
+def test_zoo_sweep_and_counterfactual_link_their_reports(sim_dir, tmp_path):
+    knobs = [x for k, v in TINY_WORLD.items() for x in ("--sim-set", f"{k}={v}")]
+    zoo = tmp_path / "zoo"
+    res = runner.invoke(app, ["benchmark", "zoo", "--data", str(sim_dir), "--seeds", "1",
+                              "--out", str(zoo), "--methods", "esmm,shared_bottom",
+                              "--reports", *FAST])
+    assert res.exit_code == 0, _out(res)
+    assert len(_linked_pages(zoo)) == 2
+    sweep = tmp_path / "sweep"
+    res = runner.invoke(app, ["benchmark", "bias-sweep", "--out", str(sweep), "--selection",
+                              "0,1", "--cvr", "0.2", "--seeds", "1", "--rows", "2000",
+                              "--methods", "esmm", "--reports", *knobs, *FAST])
+    assert res.exit_code == 0, _out(res)
+    pages = _linked_pages(sweep)
+    assert {p.parent.parent.parent.name for p in pages} == {"cvr0.2-sel0", "cvr0.2-sel1"}
+    assert "| cvr 0.2, selection 1 | 0 | ESMM | 0 |" in (sweep / "report.md").read_text()
+    cf = tmp_path / "cf"
+    res = runner.invoke(app, ["benchmark", "counterfactual", "--out", str(cf), "--selection",
+                              "1", "--hidden-confounder", "1", "--cvr", "0.2", "--world-seeds",
+                              "1", "--seeds", "1", "--rows", "2000", "--methods", "esmm",
+                              "--boot", "10", "--reports", "--set", "train.epochs=1", *knobs,
+                              *FAST[:6]])
+    assert res.exit_code == 0, _out(res)
+    # ESMM, BASE (always added) and BASE's reference CTR net.
+    assert len(_linked_pages(cf)) == 3

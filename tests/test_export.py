@@ -19,7 +19,7 @@ from esmm.errors import DataError, EsmmError, UsageError
 from esmm.evaluate import predict_arrays
 from esmm.models import model_names
 from esmm.train import load_model, train
-from tests.conftest import small_config
+from tests.conftest import ATTENTION_FEATURES, small_config
 
 FORMATS = ["torchscript", "onnx"]
 
@@ -137,6 +137,7 @@ def _esmm_predict(run, rows_path, tmp_path):
 def test_every_registered_model_exports_and_equals_esmm_predict(flat_data, tmp_path, name):
     cfg = small_config(flat_data["train"], max_steps=3)
     cfg["model"].update(name=name, batch_norm=True, dropout=0.1)
+    cfg["features"] = ATTENTION_FEATURES  # every model over an attention-pooled bag too
     train(config_from_dict(cfg), tmp_path / "run")
     head = pq.read_table(flat_data["valid"]).slice(0, 40)
     pq.write_table(head, tmp_path / "rows.parquet")

@@ -21,7 +21,7 @@ from esmm.export import export_run
 from esmm.models import model_names
 from esmm.serve import hide_paths, run_name
 from esmm.train import train
-from tests.conftest import small_config
+from tests.conftest import ATTENTION_FEATURES, small_config
 
 FIELDS = ["101", "205", "206", "121", "109_14", "d1"]
 USER_FIELDS = ["101", "121", "109_14"]
@@ -347,6 +347,7 @@ def test_every_registered_model_is_served_as_esmm_predict_scores(flat_data, tmp_
 
     cfg = small_config(flat_data["train"], max_steps=3)
     cfg["model"]["name"] = name
+    cfg["features"] = ATTENTION_FEATURES  # every model over an attention-pooled bag too
     train(config_from_dict(cfg), tmp_path / "run")
     export_run(tmp_path / "run", "onnx", tmp_path / "m.onnx", parity_rows=32)
     head = pq.read_table(flat_data["valid"]).slice(0, 20)

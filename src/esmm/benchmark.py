@@ -354,11 +354,12 @@ def _result_keys(tree: Any) -> Any:
 
 
 def _run_one(job: Job, get_splits: Callable[[], Splits], fingerprint: Any, fresh: bool,
-             keep_checkpoints: bool) -> dict[str, Any]:
+             keep_checkpoints: bool, reports: bool = False) -> dict[str, Any]:
     """Train one job (or reuse its finished run) and return its result row.
 
     Unless ``keep_checkpoints``, the run's checkpoints are deleted once its test metrics are
     written (a checkpoint holds optimizer state too: hundreds of MB with large id tables).
+    With ``reports`` the run's ``esmm report`` page is written first (:func:`run_report`).
     """
     cfg = config_from_dict(job.tree, f"{job.method} config")
     marker = job.run_dir / _RESULT_FILE
@@ -371,6 +372,8 @@ def _run_one(job: Job, get_splits: Callable[[], Splits], fingerprint: Any, fresh
                 and saved.get("data") == fingerprint):
             log.info("%s seed %d: reusing the finished run in %s", job.method, job.seed,
                      job.run_dir)
+            if reports:
+                run_report(job)
             return saved["row"]
     if job.run_dir.exists():
         shutil.rmtree(job.run_dir)
@@ -385,9 +388,53 @@ def _run_one(job: Job, get_splits: Callable[[], Splits], fingerprint: Any, fresh
            "train_s": round(time.perf_counter() - t0, 1), **metrics}
     write_text(marker, json.dumps({"config": cfg.to_dict(), "data": fingerprint, "row": row},
                                   default=_json_default))
+    if reports:
+        run_report(job)
     if not keep_checkpoints:
         shutil.rmtree(job.run_dir / "checkpoints", ignore_errors=True)
     return row
+
+
+REPORT_PAGE = Path("report") / "report.html"  # a run's `esmm report` page, in its folder
+
+
+def run_report(job: Job) -> Path | None:
+    """Write the ``esmm report`` page of a finished run on its test split, into
+    ``run_dir/report/``, unless it is there. Returns the page, or None when the run's
+    checkpoints are gone (a run reused from a call without ``--reports``)."""
+    from esmm.report import build_report
+
+    page = job.run_dir / REPORT_PAGE
+    if page.is_file():
+        return page
+    if not (job.run_dir / "checkpoints").is_dir():
+        log.warning("%s seed %d: no report page: the run's checkpoints were deleted by an "
+                    "earlier call without --reports (rerun with --fresh to retrain it)",
+                    job.method, job.seed)
+        return None
+    return build_report(job.run_dir, page.parent, data="test")
+
+
+def report_links(out: Path, where: Sequence[tuple[dict[str, float], int, Path, list[Job]]],
+                 reports: bool) -> list[str]:
+    """Markdown lines of the section linking every run's report page (relative links from
+    ``out/report.md``); a run without a page says why."""
+    lines = ["", "## Per-run reports", ""]
+    if not reports:
+        return [*lines, "Not written: rerun with `--reports` for each run's `esmm report` page "
+                "(curves, ROC, calibration, score histograms, per-user AUC, pCVR against the "
+                "true p_conversion) on the test split; finished runs are reused.", ""]
+    lines += ["Each run's `esmm report` page on the test split.", "",
+              "| cell | world | method | seed | page |", "|---|---:|---|---:|---|"]
+    for cell, world, _, jobs in where:
+        label = ", ".join(f"{k} {v:g}" for k, v in cell.items()) or "-"
+        for job in jobs:
+            page = job.run_dir / REPORT_PAGE
+            link = (f"[{page.relative_to(out).as_posix()}]({page.relative_to(out).as_posix()})"
+                    if page.is_file() else "none (checkpoints deleted; `--fresh` retrains)")
+            lines.append(f"| {label} | {world} | {DISPLAY.get(job.method, job.method)} | "
+                         f"{job.seed} | {link} |")
+    return [*lines, ""]
 
 
 @contextmanager
@@ -410,9 +457,10 @@ def _quiet_training(progress: bool) -> Iterator[None]:
 
 
 def run_jobs(groups: Sequence[tuple[Path, list[Job]]], *, fresh: bool, progress: bool,
-             keep_checkpoints: bool = False) -> list[dict[str, Any]]:
+             keep_checkpoints: bool = False, reports: bool = False) -> list[dict[str, Any]]:
     """Run every job; ``groups`` pairs a data folder with its jobs. A group's splits are
-    loaded once, when its first job needs training (not at all when every run is reused)."""
+    loaded once, when its first job needs training (not at all when every run is reused).
+    ``reports``: write each run's report page (:func:`run_report`)."""
     from tqdm.auto import tqdm
 
     total = sum(len(j) for _, j in groups)
@@ -437,7 +485,7 @@ def run_jobs(groups: Sequence[tuple[Path, list[Job]]], *, fresh: bool, progress:
                     where = " ".join(f"{k}={v}" for k, v in job.extra.items())
                     bar.set_description(f"{DISPLAY.get(job.method, job.method)} seed "
                                         f"{job.seed}{' ' + where if where else ''}")
-                    row = _run_one(job, get_splits, fp, fresh, keep_checkpoints)
+                    row = _run_one(job, get_splits, fp, fresh, keep_checkpoints, reports)
                     rows.append(row)
                     done += 1
                     bar.update(1)
@@ -667,7 +715,7 @@ def run_paper(out: str | Path, *, data: str | Path | None = None, seeds: int = 3
               rows: int | None = None, preset: str = "aliccp",
               knobs: dict[str, Any] | None = None, budgets: dict[str, int] | None = None,
               fresh: bool = False, keep_checkpoints: bool = False, world_seeds: int = 1,
-              n_boot: int = 200) -> str:
+              n_boot: int = 200, reports: bool = False) -> str:
     """Run the paper benchmark into ``out``; returns the Markdown report.
 
     Args:
@@ -680,6 +728,8 @@ def run_paper(out: str | Path, *, data: str | Path | None = None, seeds: int = 3
         keep_checkpoints: keep each run's ``checkpoints/`` (default: deleted once measured).
         world_seeds: simulated worlds (data seeds ``SIM_SEED + w``); each runs every seed.
         n_boot: bootstrap replicates over test users for the interval tables.
+        reports: write each run's ``esmm report`` page (``runs/.../report/report.html``),
+            linked from ``report.md``.
     """
     if seeds < 1:
         raise UsageError(f"--seeds {seeds}: need at least 1")
@@ -697,7 +747,7 @@ def run_paper(out: str | Path, *, data: str | Path | None = None, seeds: int = 3
     cfg0 = config_from_dict(jobs[0].tree, "benchmark config")
     progress = _progress_enabled(cfg0.train.progress)
     results = run_jobs([(d, j) for _, _, d, j in where], fresh=fresh, progress=progress,
-                       keep_checkpoints=keep_checkpoints)
+                       keep_checkpoints=keep_checkpoints, reports=reports)
 
     metrics = _present(results, REPORT_METRICS)
     write_csv(out / "results.csv", results)
@@ -708,6 +758,7 @@ def run_paper(out: str | Path, *, data: str | Path | None = None, seeds: int = 3
               f"{time.perf_counter() - t0:.0f} s."]
     text = paper_report(results, methods, seeds * world_seeds, header)
     text += "\n".join(interval_section(results, where, methods, n_boot, out)) + "\n"
+    text += "\n".join(report_links(out, where, reports))
     write_text(out / "report.md", text)
     log.info("wrote %s, %s and %s", out / "results.csv", out / "report.md", out / "auc.png")
     return text
@@ -802,13 +853,14 @@ def run_bias_sweep(out: str | Path, *, selection: Sequence[float] = (0.0, 0.5, 1
                    preset: str = "dense", knobs: dict[str, Any] | None = None,
                    overrides: Sequence[str] = (), budgets: dict[str, int] | None = None,
                    fresh: bool = False, keep_checkpoints: bool = False,
-                   world_seeds: int = 1, n_boot: int = 200) -> str:
+                   world_seeds: int = 1, n_boot: int = 200, reports: bool = False) -> str:
     """Train ``methods`` on simulated sets per (cvr, selection) and chart the metrics.
 
     World w of every cell uses simulator seed ``SIM_SEED + w``, so the cells differ only in
     the two knobs (``world_seeds`` worlds per cell; one keeps the folders of earlier calls).
     Writes ``sweep.csv`` (one row per cell, method and seed), ``summary.csv``, ``report.md``
-    and ``<metric>.png`` into ``out``; returns the report.
+    and ``<metric>.png`` into ``out``, with ``reports`` each run's report page (see
+    :func:`run_paper`); returns the report.
     """
     if seeds < 1:
         raise UsageError(f"--seeds {seeds}: need at least 1")
@@ -849,7 +901,7 @@ def run_bias_sweep(out: str | Path, *, selection: Sequence[float] = (0.0, 0.5, 1
     cfg0 = config_from_dict(groups[0][1][0].tree, "benchmark config")
     progress = _progress_enabled(cfg0.train.progress)
     results = run_jobs(groups, fresh=fresh, progress=progress,
-                       keep_checkpoints=keep_checkpoints)
+                       keep_checkpoints=keep_checkpoints, reports=reports)
 
     metrics = _present(results, REPORT_METRICS)
     summary = sweep_summary(results, methods, cells, metrics)
@@ -876,6 +928,7 @@ def run_bias_sweep(out: str | Path, *, selection: Sequence[float] = (0.0, 0.5, 1
                       f"{st.get('clicks', '')} | {st.get('conversions', '')} |")
     text = sweep_report(summary, methods, cells, metrics, header)
     text += "\n".join(interval_section(results, where, methods, n_boot, out)) + "\n"
+    text += "\n".join(report_links(out, where, reports))
     write_text(out / "report.md", text)
     log.info("wrote %s", ", ".join(str(out / n) for n in (
         "sweep.csv", "summary.csv", "report.md", *(f"{k}.png" for k in metrics))))
@@ -1005,14 +1058,15 @@ def run_zoo(out: str | Path, *, data: str | Path | None = None, seeds: int = 3,
             rows: int | None = None, preset: str = "aliccp",
             knobs: dict[str, Any] | None = None, budgets: dict[str, int] | None = None,
             fresh: bool = False, keep_checkpoints: bool = False, world_seeds: int = 1,
-            n_boot: int = 200) -> str:
+            n_boot: int = 200, reports: bool = False) -> str:
     """Run the seesaw benchmark into ``out``; returns the Markdown report.
 
     Every model of ``methods`` (default: the reference, every zoo backbone under its own head
     and under ESMM's, ESMM and ESMM-NS) trains once per seed on the same splits, with the
     same epoch cap (``train.epochs``; ``budgets`` per method) and the same early stopping
     (``ZOO_MONITOR`` on the validation split). Writes ``results.csv``, ``report.md`` and
-    ``seesaw.png``; finished runs in ``out/runs`` are reused (see :func:`run_paper`).
+    ``seesaw.png`` (with ``reports`` each run's report page); finished runs in ``out/runs``
+    are reused (see :func:`run_paper`).
     """
     if seeds < 1:
         raise UsageError(f"--seeds {seeds}: need at least 1")
@@ -1031,7 +1085,7 @@ def run_zoo(out: str | Path, *, data: str | Path | None = None, seeds: int = 3,
     cfg0 = config_from_dict(jobs[0].tree, "benchmark config")
     results = run_jobs([(d, j) for _, _, d, j in where], fresh=fresh,
                        progress=_progress_enabled(cfg0.train.progress),
-                       keep_checkpoints=keep_checkpoints)
+                       keep_checkpoints=keep_checkpoints, reports=reports)
     write_csv(out / "results.csv", results)
     seesaw_chart(out / "seesaw.png", results, methods)
     header = [source, "", *_setup_lines(cfg0, methods, budgets, overrides, jobs), "",
@@ -1041,6 +1095,7 @@ def run_zoo(out: str | Path, *, data: str | Path | None = None, seeds: int = 3,
               f"{time.perf_counter() - t0:.0f} s."]
     text = zoo_report(results, methods, seeds * world_seeds, header)
     text += "\n".join(interval_section(results, where, methods, n_boot, out)) + "\n"
+    text += "\n".join(report_links(out, where, reports))
     write_text(out / "report.md", text)
     log.info("wrote %s, %s and %s", out / "results.csv", out / "report.md", out / "seesaw.png")
     return text
@@ -1439,7 +1494,7 @@ def run_counterfactual(out: str | Path, *, selection: Sequence[float] = CF_GRID[
                        preset: str = "dense", knobs: dict[str, Any] | None = None,
                        overrides: Sequence[str] = (), budgets: dict[str, int] | None = None,
                        n_boot: int = 500, fresh: bool = False,
-                       keep_checkpoints: bool = False) -> str:
+                       keep_checkpoints: bool = False, reports: bool = False) -> str:
     """Every CVR method over a grid of observed selection x hidden confounder x conversion
     rate, ``world_seeds`` simulated worlds x ``seeds`` training seeds per cell.
 
@@ -1448,8 +1503,8 @@ def run_counterfactual(out: str | Path, *, selection: Sequence[float] = CF_GRID[
     stopping (``CF_MONITOR``, ``EVALS_PER_EPOCH`` evaluations per epoch). Writes
     ``results.csv`` (every run, every metric, and the control and oracle rows),
     ``summary.csv`` (per cell and method: means, intervals, paired differences),
-    ``report.md`` and one line chart per metric (``<metric>.png``); finished runs in
-    ``out/runs`` are reused. Returns the report.
+    ``report.md`` and one line chart per metric (``<metric>.png``), with ``reports`` each
+    run's report page; finished runs in ``out/runs`` are reused. Returns the report.
     """
     knobs = dict(knobs or {})
     _check_counterfactual_args(seeds, world_seeds, n_boot, knobs)
@@ -1482,7 +1537,7 @@ def run_counterfactual(out: str | Path, *, selection: Sequence[float] = CF_GRID[
             groups.append((data_dir, jobs))
             where.append((cell, w, data_dir, jobs))
     results = run_jobs(groups, fresh=fresh, progress=_progress_enabled(cfg0.train.progress),
-                       keep_checkpoints=keep_checkpoints)
+                       keep_checkpoints=keep_checkpoints, reports=reports)
     rows_all, summary = _counterfactual_stats(results, where, methods, n_boot)
     shown = [*methods, CONTROL, ORACLE]
     write_csv(out / "results.csv", rows_all, first=(*CF_GRID, "world"))
@@ -1496,6 +1551,7 @@ def run_counterfactual(out: str | Path, *, selection: Sequence[float] = CF_GRID[
               f"users. Total time {time.perf_counter() - t0:.0f} s.", "",
               *_setup_lines(cfg0, methods, budgets, overrides, where[0][3])]
     text = counterfactual_report(summary, cells, header, rows_all, methods)
+    text += "\n".join(report_links(out, where, reports))
     write_text(out / "report.md", text)
     log.info("wrote %s", ", ".join(str(out / n) for n in (
         "results.csv", "summary.csv", "report.md", *(f"{k}.png" for k in CF_METRICS))))

@@ -481,6 +481,13 @@ WORLD_HELP = ("Simulated worlds: world w is simulated with data seed 2018 + w an
               "seed.")
 BOOT_HELP = ("Bootstrap replicates over test users for the tables with intervals (written when "
              "the test split has simulator ground truth).")
+REPORTS_HELP = ("Also write each run's `esmm report` page on the test split "
+                "(runs/.../report/report.html) and link them all from report.md. Off by default: "
+                "a page re-scores the test split and draws its plots, 8 s or more per run at "
+                "10k test rows, longer than training on a 20k-row epoch (docs/models.md). A "
+                "run reused from a call "
+                "without --reports has no checkpoint left to report on unless it was kept "
+                "(--keep-checkpoints); --fresh retrains it.")
 KEEP_HELP = ("Keep each run's checkpoints/ (by default they are deleted once the run's test "
              "metrics are written: with the Ali-CCP feature set a checkpoint is hundreds of MB).")
 
@@ -514,6 +521,7 @@ def benchmark_paper(
     boot: int = typer.Option(200, min=1, help=BOOT_HELP),
     fresh: bool = typer.Option(False, "--fresh", help=FRESH_HELP),
     keep_checkpoints: bool = typer.Option(False, "--keep-checkpoints", help=KEEP_HELP),
+    reports: bool = typer.Option(False, "--reports", help=REPORTS_HELP),
 ) -> None:
     """Reproduce the paper's Table 2 (every method, several seeds).
 
@@ -528,7 +536,7 @@ def benchmark_paper(
     report = run_paper(out, data=data, seeds=seeds, methods=chosen, overrides=overrides,
                        rows=rows, preset=preset, knobs=knobs, budgets=budgets, fresh=fresh,
                        keep_checkpoints=keep_checkpoints, world_seeds=world_seeds,
-                       n_boot=boot)
+                       n_boot=boot, reports=reports)
     typer.echo(report)
     typer.echo(f"report written to {out / 'report.md'} (results.csv, auc.png beside it)")
 
@@ -562,6 +570,7 @@ def benchmark_zoo(
     boot: int = typer.Option(200, min=1, help=BOOT_HELP),
     fresh: bool = typer.Option(False, "--fresh", help=FRESH_HELP),
     keep_checkpoints: bool = typer.Option(False, "--keep-checkpoints", help=KEEP_HELP),
+    reports: bool = typer.Option(False, "--reports", help=REPORTS_HELP),
 ) -> None:
     """The seesaw benchmark: does a multi-task model move CTR and CVR AUC together?
 
@@ -577,7 +586,7 @@ def benchmark_zoo(
     report = run_zoo(out, data=data, seeds=seeds, methods=chosen, overrides=overrides,
                      rows=rows, preset=preset, knobs=knobs, budgets=budgets, fresh=fresh,
                      keep_checkpoints=keep_checkpoints, world_seeds=world_seeds,
-                     n_boot=boot)
+                     n_boot=boot, reports=reports)
     typer.echo(report)
     typer.echo(f"report written to {out / 'report.md'} (results.csv, seesaw.png beside it)")
 
@@ -607,6 +616,7 @@ def benchmark_bias_sweep(
     boot: int = typer.Option(200, min=1, help=BOOT_HELP),
     fresh: bool = typer.Option(False, "--fresh", help=FRESH_HELP),
     keep_checkpoints: bool = typer.Option(False, "--keep-checkpoints", help=KEEP_HELP),
+    reports: bool = typer.Option(False, "--reports", help=REPORTS_HELP),
 ) -> None:
     """Map where each method wins over a grid of the simulator's selection and cvr knobs.
 
@@ -628,7 +638,7 @@ def benchmark_bias_sweep(
     report = run_bias_sweep(out, selection=sel, cvr=cvrs, seeds=seeds, rows=rows,
                             methods=chosen, preset=preset, knobs=knobs, overrides=overrides,
                             budgets=budgets, fresh=fresh, keep_checkpoints=keep_checkpoints,
-                            world_seeds=world_seeds, n_boot=boot)
+                            world_seeds=world_seeds, n_boot=boot, reports=reports)
     typer.echo(report)
     typer.echo(f"report written to {out / 'report.md'}")
 
@@ -664,6 +674,7 @@ def benchmark_counterfactual(
     boot: int = typer.Option(500, min=1, help=BOOT_HELP),
     fresh: bool = typer.Option(False, "--fresh", help=FRESH_HELP),
     keep_checkpoints: bool = typer.Option(False, "--keep-checkpoints", help=KEEP_HELP),
+    reports: bool = typer.Option(False, "--reports", help=REPORTS_HELP),
 ) -> None:
     """Every CVR method where selection is not ignorable: a grid of observed selection x
     hidden confounder x conversion rate, several worlds and seeds per cell.
@@ -688,7 +699,8 @@ def benchmark_counterfactual(
                                 cvr=grid[2], world_seeds=world_seeds, seeds=seeds, rows=rows,
                                 methods=chosen, preset=preset, knobs=knobs,
                                 overrides=overrides, budgets=budgets, n_boot=boot,
-                                fresh=fresh, keep_checkpoints=keep_checkpoints)
+                                fresh=fresh, keep_checkpoints=keep_checkpoints,
+                                reports=reports)
     typer.echo(report)
     typer.echo(f"report written to {out / 'report.md'}")
 

@@ -149,11 +149,32 @@ class DataConfig(_Strict):
         return self
 
 
+class AttentionConfig(_Strict):
+    """The attention unit of a ``pooling: attention`` bag (DIN, Zhou et al., KDD 2018).
+
+    ``hidden``: widths of the MLP (PReLU after each layer) that scores each bag element from
+    [query, key, query - key, query * key]; the paper's [80, 40] by default. ``weights``:
+    ``none`` uses the scores as they are (the paper: no softmax, so the pooled vector keeps
+    how strongly a user's behaviours match the item); ``softmax`` normalises them over the
+    bag. ``chunk``: at most this many (impression, bag element) pairs are scored at once in
+    training and evaluation (plus one impression's bag), each chunk recomputed in the
+    backward pass rather than kept, which bounds the attention's memory.
+    """
+
+    hidden: Annotated[list[Annotated[int, Field(gt=0)]], Field(min_length=1)] = Field(
+        default_factory=lambda: [80, 40])
+    weights: Literal["none", "softmax"] = "none"
+    chunk: int = Field(default=65536, gt=0)
+
+
 class FeatureConfig(_Strict):
     """One input field.
 
     ``categorical``: one id per row, hashed into ``buckets`` rows of an embedding table.
-    ``multi_categorical``: a list of ids per row (a bag), pooled by ``pooling``.
+    ``multi_categorical``: a list of ids per row (a bag), pooled by ``pooling``: ``sum``,
+    ``mean``, or ``attention`` (DIN target attention: each element weighted by an MLP of the
+    element and the ``query`` field's embedding, see :class:`AttentionConfig` and
+    docs/models.md).
     ``dense``: one float per row, fed to the towers beside the embeddings.
 
     ``dtype`` (id fields): ``auto`` hashes what the data holds, integers as integers and
@@ -169,13 +190,17 @@ class FeatureConfig(_Strict):
     # Ids are hashed to int64 bucket numbers, so a table cannot have more rows than that.
     buckets: int | None = Field(default=None, gt=0, lt=2**63)
     dim: int | None = Field(default=None, gt=0)
-    pooling: Literal["sum", "mean"] = "mean"
+    pooling: Literal["sum", "mean", "attention"] = "mean"
     dtype: Literal["auto", "int", "str"] = "auto"
     # Dense fields only; see docs/config.md (statistics are fitted on data.train).
     transform: Literal["none", "zscore", "minmax", "log1p", "bucketize"] = "none"
     fill: float | Literal["mean", "error"] = "error"
     boundaries: list[float] | None = Field(default=None, min_length=1, max_length=1_000_000)
     quantiles: int | None = Field(default=None, ge=2, le=1_000_000)
+    # `pooling: attention` only; left out of the dump when unset, so configs written before
+    # these keys existed read back unchanged.
+    query: NonEmptyStr | None = Field(default=None, exclude_if=lambda v: v is None)
+    attention: AttentionConfig | None = Field(default=None, exclude_if=lambda v: v is None)
 
     @field_validator("name", mode="before")
     @classmethod
@@ -204,6 +229,29 @@ class FeatureConfig(_Strict):
     @model_validator(mode="after")
     def _check_transform(self) -> FeatureConfig:
         _check_dense_keys(self)
+        return self
+
+    @field_validator("query", mode="before")
+    @classmethod
+    def _query_int_to_str(cls, v: Any) -> Any:
+        return str(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+    @model_validator(mode="after")
+    def _check_attention(self) -> FeatureConfig:
+        if self.pooling == "attention":
+            if self.kind != "multi_categorical":
+                raise ValueError(f"feature {self.name!r} is {self.kind}: `pooling: attention` "
+                                 "applies to multi_categorical fields only")
+            if self.query is None:
+                raise ValueError(f"feature {self.name!r} has `pooling: attention` but no "
+                                 "`query`; expected the name of a categorical field (the "
+                                 "impression's item, e.g. `query: '205'`)")
+        else:
+            for key in ("query", "attention"):
+                if getattr(self, key) is not None:
+                    raise ValueError(f"feature {self.name!r} sets `{key}` but its pooling is "
+                                     f"{self.pooling!r}; `{key}` applies to `pooling: "
+                                     "attention` only")
         return self
 
     @model_serializer(mode="wrap")
@@ -648,6 +696,28 @@ class Config(_Strict):
                 f"label column(s) {leak} are listed as features: a model would see its own label. "
                 "Remove them from `features`."
             )
+        return self
+
+    @model_validator(mode="after")
+    def _check_attention_queries(self) -> Config:
+        by_name = {f.name: f for f in self.features}
+        for f in self.features:
+            if f.pooling != "attention":
+                continue
+            q = by_name.get(str(f.query))
+            if q is None:
+                close = difflib.get_close_matches(str(f.query), list(by_name), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ValueError(f"feature {f.name!r}: `query` {f.query!r} is not a feature"
+                                 f"{hint}; expected the name of a categorical feature")
+            if q.kind != "categorical":
+                raise ValueError(f"feature {f.name!r}: `query` {q.name!r} is {q.kind}; "
+                                 "expected a categorical feature (one id per row)")
+            dim, qdim = (x.dim or self.model.embedding_dim for x in (f, q))
+            if dim != qdim:
+                raise ValueError(f"feature {f.name!r} (dim {dim}) and its `query` {q.name!r} "
+                                 f"(dim {qdim}) have different embedding dims; expected the "
+                                 "same dim (set `dim` on one of them)")
         return self
 
     def to_dict(self) -> dict[str, Any]:

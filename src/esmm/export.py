@@ -115,17 +115,29 @@ class FlatEmbedding(nn.Module):
             for f in self.spec.sparse
         )
         self.output_dim = src.output_dim
+        self.attended = list(src.attended)
+        self.attention = src.attention  # the trained units (TargetAttention.padded here)
 
     def forward(self, batch: FlatBatch) -> torch.Tensor:
-        parts: list[torch.Tensor] = []
+        by_field: dict[str, torch.Tensor] = {}
         for i, f in enumerate(self.spec.sparse):
+            if f.attention is not None:
+                continue  # needs its query's embedding: below
             w = self.weights[i]
             rows = batch.rows[f.name]
             if len(rows) == 1:
                 e = F.embedding(rows[0], w)  # (R, D)
             else:
                 e = pool_bags(rows[0], rows[1], w, f.pooling)  # (R, D)
-            parts.append(e.index_select(0, batch.gather[f.name]))  # (N, D)
+            by_field[f.name] = e.index_select(0, batch.gather[f.name])  # (N, D)
+        for i, f in enumerate(self.spec.sparse):
+            if f.attention is not None:
+                values, offsets = batch.rows[f.name]
+                unit = self.attention[self.attended.index(f.name)]
+                by_field[f.name] = unit.padded(by_field[f.attention.query],
+                                               F.embedding(values, self.weights[i]), offsets,
+                                               batch.gather[f.name])  # (N, D)
+        parts = [by_field[f.name] for f in self.spec.sparse]
         if batch.dense is not None:
             parts.append(batch.dense)
         return torch.cat(parts, dim=1)  # (N, input_dim)
@@ -448,16 +460,62 @@ class Predictor:
         self.digests: dict[str, str] = {}
         self.fields = {f.name: f for f in self.spec.fields}
         self._sparse_pos = {f.name: i for i, f in enumerate(self.spec.sparse)}
+        # Attention-pooled bags: a graph call scores about this many (row, bag element) pairs
+        # at most (the fields' smallest `attention.chunk`), see :meth:`row_chunks`.
+        chunks = [f.attention.chunk for f in self.spec.sparse if f.attention is not None]
+        self.attention_pairs = min(chunks) if chunks else None
 
     @property
     def model_name(self) -> str:
         return str(self.metadata.get("model", "unknown"))
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run the graph on flat inputs (see the module docstring). Returns (N,) float64 each."""
-        outs = self._run(inputs)
-        return {k: np.asarray(v, dtype=np.float64) for k, v in zip(OUTPUT_NAMES, outs,
-                                                                   strict=True)}
+        """Run the graph on flat inputs (see the module docstring). Returns (N,) float64 each.
+
+        With attention-pooled bags the rows are scored in runs of at most
+        ``attention_pairs`` (row, bag element) pairs (:meth:`row_chunks`): the graph pads each
+        call's bags to its longest one, and a call's memory grows with rows x longest bag.
+        """
+        parts = [self._run(chunk) for chunk in self.row_chunks(inputs)]
+        return {k: np.concatenate([np.asarray(p[i], dtype=np.float64) for p in parts])
+                for i, k in enumerate(OUTPUT_NAMES)}
+
+    def row_chunks(self, inputs: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+        """``inputs`` cut into runs of consecutive rows holding at most ``attention_pairs``
+        (row, attention-bag element) pairs each (plus one row's bags); ``[inputs]`` when
+        the spec has no attention-pooled bag or they fit."""
+        if self.attention_pairs is None:
+            return [inputs]
+        user_index, side = inputs["user_index"], inputs["user_side"]
+        n = len(user_index)
+        pairs = np.zeros(n, dtype=np.int64)
+        for i, f in enumerate(self.spec.sparse):
+            if f.attention is not None:
+                lengths = np.diff(inputs[f"offsets__{f.name}"])
+                pairs += lengths[user_index] if side[i] else lengths
+        ends = np.cumsum(pairs)
+        if not n or ends[-1] <= self.attention_pairs:
+            return [inputs]
+        group = (ends - pairs) // self.attention_pairs
+        edges = [0, *(np.flatnonzero(np.diff(group)) + 1).tolist(), n]
+        return [self._rows(inputs, a, b) for a, b in itertools.pairwise(edges)]
+
+    def _rows(self, inputs: dict[str, np.ndarray], a: int, b: int) -> dict[str, np.ndarray]:
+        """Rows ``a:b`` of flat inputs; user-side fields stay whole (``user_index`` picks)."""
+        out = dict(inputs)
+        for i, f in enumerate(self.spec.sparse):
+            if inputs["user_side"][i]:
+                continue
+            if f.kind == "categorical":
+                out[f"ids__{f.name}"] = inputs[f"ids__{f.name}"][a:b]
+            else:
+                v, o = inputs[f"values__{f.name}"], inputs[f"offsets__{f.name}"]
+                out[f"values__{f.name}"] = v[o[a]:o[b]]
+                out[f"offsets__{f.name}"] = o[a:b + 1] - o[a]
+        if "dense" in inputs:
+            out["dense"] = inputs["dense"][a:b]
+        out["user_index"] = inputs["user_index"][a:b]
+        return out
 
     def encode_columns(self, columns: Mapping[str, Any], user: Mapping[str, Any] | None = None,
                        source: str = "request", n: int | None = None) -> dict[str, np.ndarray]:
@@ -938,6 +996,8 @@ def field_list(spec: FeatureSpec) -> list[dict[str, Any]]:
             d["pooling"] = f.pooling
         if f.transform != "none":
             d["transform"] = f.transform
+        if f.attention is not None:
+            d["query"] = f.attention.query
         out.append(d)
     return out
 

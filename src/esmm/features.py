@@ -120,6 +120,22 @@ class FieldStats:
 
 
 @dataclass(frozen=True)
+class AttentionSpec:
+    """The target attention of a ``pooling: attention`` bag (see
+    :class:`esmm.config.AttentionConfig`): the ``query`` field, the scoring MLP's ``hidden``
+    widths, ``weights`` (``none`` | ``softmax``) and the ``chunk`` of pairs scored at once."""
+
+    query: str
+    hidden: tuple[int, ...] = (80, 40)
+    weights: str = "none"
+    chunk: int = 65536
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> AttentionSpec:
+        return cls(**{**d, "hidden": tuple(d.get("hidden", (80, 40)))})
+
+
+@dataclass(frozen=True)
 class FieldSpec:
     """One input field after config resolution, with the state fitted on the training split.
 
@@ -141,6 +157,7 @@ class FieldSpec:
     quantiles: int | None = None  # bucketize: boundaries fitted as N quantiles
     stats: FieldStats | None = None  # fitted on the training split
     id_type: str | None = None  # auto id fields: "int" or "str", the ids seen in training
+    attention: AttentionSpec | None = None  # pooling: attention only
 
     @property
     def numeric(self) -> bool:
@@ -165,11 +182,14 @@ class FieldSpec:
             d["boundaries"] = tuple(float(b) for b in d["boundaries"])
         if d.get("stats") is not None:
             d["stats"] = FieldStats(**d["stats"])
+        if d.get("attention") is not None:
+            d["attention"] = AttentionSpec.from_dict(d["attention"])
         return cls(**d)
 
 
 _OPTIONAL_DEFAULTS: dict[str, Any] = {"transform": "none", "fill": "error", "boundaries": None,
-                                      "quantiles": None, "stats": None, "id_type": None}
+                                      "quantiles": None, "stats": None, "id_type": None,
+                                      "attention": None}
 
 
 @dataclass(frozen=True)
@@ -217,6 +237,7 @@ def spec_from_config(cfg: Config) -> FeatureSpec:
             dim=int(f.dim or cfg.model.embedding_dim) if f.kind != "dense" else 1,
             pooling=f.pooling,
             dtype=f.dtype,
+            attention=_attention_spec(f),
         ))
         if f.kind == "dense":
             fields[-1] = _dense_spec(fields[-1], f, cfg.model.embedding_dim)
@@ -233,6 +254,17 @@ def _dense_spec(spec: FieldSpec, f: Any, embedding_dim: int) -> FieldSpec:
     return replace(spec, kind="categorical", dim=int(f.dim or embedding_dim),
                    buckets=len(bounds) + 1 if bounds is not None else int(f.quantiles),
                    boundaries=bounds, quantiles=f.quantiles)
+
+
+def _attention_spec(f: Any) -> AttentionSpec | None:
+    """The :class:`AttentionSpec` of a ``pooling: attention`` feature config, else None."""
+    if f.pooling != "attention":
+        return None
+    if f.attention is None:
+        return AttentionSpec(query=str(f.query))
+    a = f.attention
+    return AttentionSpec(query=str(f.query), hidden=tuple(a.hidden), weights=a.weights,
+                         chunk=a.chunk)
 
 
 # --------------------------------------------------------------------------------------------

@@ -65,7 +65,14 @@ from esmm.export import (
     load_artifact,
     synthetic_columns,
 )
-from esmm.features import HASH_VERSION, TRANSFORMS, FeatureSpec, FieldSpec, FieldStats
+from esmm.features import (
+    HASH_VERSION,
+    TRANSFORMS,
+    AttentionSpec,
+    FeatureSpec,
+    FieldSpec,
+    FieldStats,
+)
 from esmm.models.base import OUTPUT_NAMES
 
 log = logging.getLogger(__name__)
@@ -999,14 +1006,15 @@ def create_app(predictor: Predictor, limits: Limits | None = None, *,
 
 _MAX_METADATA_BYTES = 64 << 20
 _FIELD_KEYS = ("name", "kind", "buckets", "dim", "pooling")
-_OPTIONAL_FIELD_KEYS = ("dtype",)  # absent in artifacts of esmm 0.2: auto
+# dtype: absent in artifacts of esmm 0.2 (auto); attention: bags with `pooling: attention`
+_OPTIONAL_FIELD_KEYS = ("dtype", "attention")
 _DTYPES = ("auto", "int", "str")
 # The state fitted on the training split (absent in artifacts of esmm 0.2 and in fields
 # without transforms).
 _FITTED_KEYS = ("transform", "fill", "boundaries", "quantiles", "stats", "id_type")
 _STATS_KEYS = ("count", "missing", "mean", "std", "min", "max")
 _KINDS = ("categorical", "multi_categorical", "dense")
-_POOLINGS = ("sum", "mean")
+_POOLINGS = ("sum", "mean", "attention")
 _ONNX_METADATA_PROPS = 14  # ModelProto.metadata_props, a repeated StringStringEntryProto
 
 
@@ -1159,7 +1167,8 @@ def _check_field(f: Any, key: str, seen: set[str]) -> FieldSpec:
     dim = _int_in(f["dim"], f"{key}.dim", 1, 1 << 20)
     buckets = _int_in(f["buckets"], f"{key}.buckets", 0 if kind == "dense" else 1)
     dtype = _one_of(f.get("dtype", "auto"), f"{key}.dtype", _DTYPES)
-    return FieldSpec(name, kind, buckets, dim, pooling, dtype=dtype,
+    attention = _check_attention(f.get("attention"), f"{key}.attention", pooling)
+    return FieldSpec(name, kind, buckets, dim, pooling, dtype=dtype, attention=attention,
                      **_check_fitted(f, key, kind, buckets))
 
 
@@ -1205,6 +1214,27 @@ def _check_fitted(f: dict[str, Any], key: str, kind: str, buckets: int) -> dict[
                                f"(one fewer than buckets), got {_short(b)}")
         out["boundaries"] = tuple(_number(x, f"{key}.boundaries") for x in b)
     return out
+
+
+def _check_attention(a: Any, key: str, pooling: str) -> AttentionSpec | None:
+    """The attention of a field's metadata: present exactly when its pooling is attention.
+    (The graph holds the unit itself; the spec names the query for /metadata.)"""
+    if (a is None) != (pooling != "attention"):
+        raise _BadMetadata(key, "expected an object for `pooling: attention` and nothing "
+                           f"otherwise, got {_short(a)} with pooling {pooling!r}")
+    if a is None:
+        return None
+    if not isinstance(a, dict) or sorted(a) != ["chunk", "hidden", "query", "weights"]:
+        raise _BadMetadata(key, "expected an object with keys chunk, hidden, query and "
+                           f"weights, got {_short(a)}")
+    if not isinstance(a["query"], str) or not a["query"]:
+        raise _BadMetadata(f"{key}.query", f"expected a field name, got {_short(a['query'])}")
+    if not isinstance(a["hidden"], list) or not a["hidden"]:
+        raise _BadMetadata(f"{key}.hidden", f"expected a list of widths, got "
+                           f"{_short(a['hidden'])}")
+    hidden = tuple(_int_in(h, f"{key}.hidden", 1, 1 << 20) for h in a["hidden"])
+    weights = _one_of(a["weights"], f"{key}.weights", ("none", "softmax"))
+    return AttentionSpec(a["query"], hidden, weights, _int_in(a["chunk"], f"{key}.chunk", 1))
 
 
 def _check_spec(spec: Any) -> FeatureSpec:

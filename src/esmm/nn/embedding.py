@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from esmm.features import FeatureSpec
+from esmm.nn.attention import TargetAttention
 
 
 class EmbeddingCollection(nn.Module):
@@ -28,6 +29,11 @@ class EmbeddingCollection(nn.Module):
     users' behaviour bags, about 0.7M ids over ~30k distinct rows (``aliccp`` preset), and a
     gradient row per use would make autograd add and the optimizer coalesce 0.7M-row sparse
     tensors every step.
+
+    A ``pooling: attention`` bag (DIN target attention, :class:`TargetAttention`) is not
+    pooled by ``embedding_bag``: its elements are embedded as single ids among the summed
+    bags (so once per distinct user for user-side bags, and with the same one-row-per-use
+    gradient), then each impression attends its bag with its ``query`` field's embedding.
 
     Args:
         spec: the feature spec (field order fixes the output layout).
@@ -57,6 +63,13 @@ class EmbeddingCollection(nn.Module):
             self.weights[key] = nn.Parameter(torch.empty(rows, int(key[3:])))
         self.reset_parameters()
         self.output_dim = spec.input_dim
+        # One attention unit per `pooling: attention` field, in spec order (a list: field
+        # names may hold characters a module name cannot).
+        self.attended = [f.name for f in spec.sparse if f.attention is not None]
+        self.attention = nn.ModuleList(
+            TargetAttention(self._fields[n].dim, self._fields[n].attention.hidden,
+                            self._fields[n].attention.weights, self._fields[n].attention.chunk)
+            for n in self.attended)
         self.register_load_state_dict_pre_hook(_from_per_field_tables)
 
     @torch.no_grad()
@@ -106,6 +119,9 @@ class EmbeddingCollection(nn.Module):
                 if group:
                     plan.add_bags(side, pooling, group, [bags[n] for n in group],
                                   [self.field_rows[n][1] for n in group])
+            for n in fields:
+                if n in bags and self._fields[n].pooling == "attention":
+                    plan.add_elements(side, n, bags[n][0], self.field_rows[n][1])
         return plan
 
     def _table(self, names: list[str], batch) -> dict[str, torch.Tensor]:
@@ -127,7 +143,25 @@ class EmbeddingCollection(nn.Module):
                 if side == "user":
                     e = e.index_select(0, batch.user_index)  # (U, k, D) -> (B, k, D)
                 out.update(zip(group, e.unbind(1), strict=True))
+        for name, (side, keys) in plan.elements(pooled).items():
+            out[name] = self._attend(name, side, keys, out, batch)
         return out
+
+    def _attend(self, name: str, side: str, keys: torch.Tensor, out: dict[str, torch.Tensor],
+                batch) -> torch.Tensor:
+        """Field ``name``'s bags attended per impression: (B, D).
+
+        ``keys`` (nnz, D) are its bags' element embeddings, per impression (``own``) or per
+        distinct user (``user``); ``out`` holds the (B, D) query field (same table: same dim).
+        """
+        unit = self.attention[self.attended.index(name)]
+        query = out[self._fields[name].attention.query]  # (B, D)
+        if side == "user":
+            offsets, rows = batch.user_bags[name][1], batch.user_index
+        else:
+            offsets = batch.bags[name][1]
+            rows = torch.arange(len(offsets) - 1, device=offsets.device)
+        return unit(query, keys, offsets.to(keys.device), rows.to(keys.device))
 
     def forward(self, batch) -> torch.Tensor:
         """(B, input_dim): sparse fields in spec order, then ``batch.dense``.
@@ -208,11 +242,26 @@ class _Plan:
             offsets.append(torch.cat([*self.offsets[p], end]).to(device))
         return values.to(device), offsets[0], offsets[1]
 
+    def add_elements(self, side: str, name: str, values: torch.Tensor, shift: int) -> None:
+        """The elements of bag field ``name`` (``values`` (nnz,) bucket ids), each embedded on
+        its own as a summed bag of one, for attention."""
+        n = values.numel()
+        self.pieces.append((side, "sum", [name], self.bags["sum"], n, "flat"))
+        self.values["sum"].append((values, shift))
+        self.offsets["sum"].append(torch.arange(n, device=values.device) + self.nnz["sum"])
+        self.nnz["sum"] += n
+        self.bags["sum"] += n
+
+    def elements(self, pooled: torch.Tensor) -> dict[str, tuple[str, torch.Tensor]]:
+        """The embedded elements of the attention fields: name -> (side, (nnz, D))."""
+        return {names[0]: (side, pooled[first:first + n])
+                for side, _, names, first, n, layout in self.pieces if layout == "flat"}
+
     def blocks(self, side: str, pooled: torch.Tensor) -> list[tuple[list[str], torch.Tensor]]:
         """The pooled rows of ``side``'s fields: [(names, (N, k, D))]."""
         out = []
         for s, pooling, names, first, n, layout in self.pieces:
-            if s != side:
+            if s != side or layout == "flat":
                 continue
             start = first + (self.bags["sum"] if pooling == "mean" else 0)
             rows = pooled[start:start + n * len(names)]  # (N * k, D)
