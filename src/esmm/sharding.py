@@ -48,8 +48,8 @@ from esmm.features import FeatureSpec, FieldSpec
 log = logging.getLogger(__name__)
 
 __all__ = ["INIT_BLOCK_ROWS", "INSTALL", "ShardedEmbeddingCollection", "build_sharded_model",
-           "check_sharding", "finish_forwards", "gather_sharded", "load_sharded_optimizer",
-           "sharded_collections"]
+           "check_sharding", "finish_forwards", "gather_sharded", "initial_state",
+           "load_sharded_optimizer", "sharded_collections"]
 
 # Versions: fbgemm-gpu-cpu 1.8.0 is the FBGEMM release built against torch 2.13 (1.9.0 fails to
 # load with it: an undefined libtorch symbol); torchrec 1.8.0 is its release. torchrec declares
@@ -72,6 +72,8 @@ def check_sharding(cfg: Config) -> None:
                           "tables are updated by TorchRec's fused optimizer; expected sgd, "
                           "adagrad or sparse_adam (CUDA)")
     device = str(cfg.train.device)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if so.name == "sparse_adam" and not device.startswith("cuda"):
         raise ConfigError(f"train.sparse_optimizer.name=sparse_adam with model.sharding=torchrec "
                           f"on train.device={device}: FBGEMM's CPU kernels have no Adam; "
@@ -122,6 +124,29 @@ def build_sharded_model(cfg: Config, spec: FeatureSpec, ctx: Any) -> nn.Module:
         setattr(owner, attr, ShardedEmbeddingCollection(
             spec, cfg, ctx, name=name, sparse=old.sparse))
     return model.to(ctx.device)
+
+
+def initial_state(cfg: Config, spec: FeatureSpec) -> dict[str, torch.Tensor]:
+    """The weights a sharded run of ``cfg`` starts from, whole, computed in one process
+    (towers from ``train.seed`` as :func:`build_sharded_model` draws them, tables block by
+    block): the start of an unsharded run that should follow the sharded one."""
+    from esmm.models import build_model
+    from esmm.nn.embedding import EmbeddingCollection
+
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg, _tiny_spec(spec))
+    state = {k: v for k, v in model.state_dict().items()}
+    for name, m in model.named_modules():
+        if not isinstance(m, EmbeddingCollection):
+            continue
+        with torch.device("meta"):  # the table shapes only
+            full = EmbeddingCollection(spec, sparse=m.sparse)
+        for key, w in full.weights.items():
+            rows, width = w.shape
+            blocks = [_init_block(cfg.train.seed, name, key, b, width, rows)
+                      for b in range(-(-rows // INIT_BLOCK_ROWS))]
+            state[f"{name}.weights.{key}"] = torch.cat(blocks)
+    return state
 
 
 class ShardedEmbeddingCollection(nn.Module):
@@ -399,12 +424,16 @@ def finish_forwards(model: nn.Module) -> None:
         m.finish()
 
 
-def _gather(st: Any, rank: int) -> torch.Tensor | None:
-    """A ShardedTensor whole on rank 0 (None elsewhere), shard by shard: rank 0 holds the
-    whole tensor and one shard in flight, no other rank more than its own shards."""
-    meta = st.metadata()
+def _gather(meta: Any, local: dict[tuple[int, int], torch.Tensor],
+            rank: int) -> torch.Tensor | None:
+    """A sharded (rows, D) tensor whole on rank 0 (None elsewhere), shard by shard: rank 0
+    holds the whole tensor and one shard in flight, no other rank more than its own shards.
+
+    Args:
+        meta: the ShardedTensor metadata (every shard's offsets, sizes and rank).
+        local: this rank's shards by (first row, first column).
+    """
     full = torch.empty(tuple(meta.size), dtype=meta.tensor_properties.dtype) if rank == 0 else None
-    local = {tuple(s.metadata.shard_offsets): s.tensor for s in st.local_shards()}
     for sm in sorted(meta.shards_metadata, key=lambda m: tuple(m.shard_offsets)):
         owner = sm.placement.rank()
         (r0, c0), (n, d) = sm.shard_offsets, sm.shard_sizes
@@ -415,8 +444,24 @@ def _gather(st: Any, rank: int) -> torch.Tensor | None:
             dist.recv(buf, src=owner)
             full[r0:r0 + n, c0:c0 + d].copy_(buf)
         elif owner == rank:
-            dist.send(local[(r0, c0)].contiguous().cpu(), dst=0)
+            dist.send(local[(r0, c0)].reshape(n, d).contiguous().cpu(), dst=0)
     return full
+
+
+def _local(st: Any) -> dict[tuple[int, int], torch.Tensor]:
+    return {tuple(s.metadata.shard_offsets): s.tensor for s in st.local_shards()}
+
+
+def _optimizer_states(m: ShardedEmbeddingCollection) -> dict[str, dict[str, Any]]:
+    """This rank's FBGEMM optimizer states shaped like their table: key -> name -> sharded.
+    A rank lists only the tables it holds rows of."""
+    out: dict[str, dict[str, Any]] = {}
+    for pkey, states in m._dmp.fused_optimizer.state_dict()["state"].items():
+        key = pkey.split(".")[-2]
+        for sname, st in states.items():
+            if hasattr(st, "local_shards") and tuple(st.metadata().size) == m._shapes[key]:
+                out.setdefault(key, {})[sname] = st
+    return out
 
 
 def gather_sharded(model: nn.Module, rank: int, optimizer: bool) -> dict[str, Any]:
@@ -424,26 +469,31 @@ def gather_sharded(model: nn.Module, rank: int, optimizer: bool) -> dict[str, An
 
     Returns:
         ``{"model": {state-dict key: (rows, D)}, "optimizer": {key: {state name: tensor}}}``,
-        the latter with ``optimizer`` only (FBGEMM's per-table optimizer state, e.g.
-        Adagrad's accumulator).
+        the latter with ``optimizer`` only (FBGEMM's per-table optimizer state shaped like
+        the table, e.g. Adagrad's accumulator).
     """
     tables: dict[str, torch.Tensor] = {}
     opt: dict[str, dict[str, torch.Tensor]] = {}
     found = sharded_collections(model)
     for name, m in found:
-        for key, st in m.sharded_tensors().items():
-            full = _gather(st, rank)
+        weights = m.sharded_tensors()
+        for key, st in weights.items():
+            full = _gather(st.metadata(), _local(st), rank)
             if full is not None:
                 tables[f"{name}.weights.{key}"] = full
-        if optimizer:
-            for pkey, states in m._dmp.fused_optimizer.state_dict()["state"].items():
-                key = pkey.split(".")[-2]
-                for sname, st in sorted(states.items()):
-                    if not hasattr(st, "local_shards") or len(st.metadata().size) != 2:
-                        continue
-                    full = _gather(st, rank)
-                    if full is not None:
-                        opt.setdefault(f"{name}.weights.{key}", {})[sname] = full
+        if not optimizer:
+            continue
+        states = _optimizer_states(m)
+        # Every rank learns every table's state names (a table-wise rank lists only its own).
+        every: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(every, {k: sorted(v) for k, v in states.items()})
+        for key in weights:
+            for sname in sorted({n for e in every for n in e.get(key, [])}):
+                st = states.get(key, {}).get(sname)
+                full = _gather(weights[key].metadata(), _local(st) if st is not None else {},
+                               rank)
+                if full is not None:
+                    opt.setdefault(f"{name}.weights.{key}", {})[sname] = full
     if not found or rank != 0:
         return {}
     return {"model": tables, "optimizer": opt}
@@ -453,12 +503,11 @@ def gather_sharded(model: nn.Module, rank: int, optimizer: bool) -> dict[str, An
 def load_sharded_optimizer(model: nn.Module, state: dict[str, dict[str, torch.Tensor]]) -> None:
     """Put whole optimizer states (from :func:`gather_sharded`) back into the shards."""
     for name, m in sharded_collections(model):
-        for pkey, states in m._dmp.fused_optimizer.state_dict()["state"].items():
-            key = f"{name}.weights.{pkey.split('.')[-2]}"
+        for key, states in _optimizer_states(m).items():
+            saved = state.get(f"{name}.weights.{key}", {})
             for sname, st in states.items():
-                if sname not in state.get(key, {}) or not hasattr(st, "local_shards"):
+                if sname not in saved:
                     continue
-                full = state[key][sname]
                 for s in st.local_shards():
                     (r0, c0), t = s.metadata.shard_offsets, s.tensor
-                    t.copy_(full[r0:r0 + t.shape[0], c0:c0 + t.shape[1]].reshape(t.shape))
+                    t.copy_(saved[sname][r0:r0 + t.shape[0], c0:c0 + t.shape[1]].reshape(t.shape))
