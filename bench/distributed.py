@@ -12,14 +12,23 @@ the same global batch (``--batch``), one training step after another with the tr
 
 per embedding strategy: ``sparse`` tables (sparse gradients, RowSparseAdam) exchanged by a
 sparse all-reduce (gloo's) or by all-gathers of row ids and rows (NCCL's way, run here on
-gloo), and ``dense`` tables (``train.sparse_optimizer: dense``: the tables' gradients are dense
-and ride in the one dense all-reduce).
+gloo), ``dense`` tables (``train.sparse_optimizer: dense``: the tables' gradients are dense
+and ride in the one dense all-reduce), and tables sharded with TorchRec
+(``model.sharding: torchrec``, ``torchrec-row_wise`` / ``torchrec-table_wise``: each rank holds
+its share of the rows, ids and pooled rows go to and from their owners by all-to-all inside
+the forward and backward passes, Adagrad fused into the backward pass, as FBGEMM's CPU kernels
+have no Adam; a one-process row is one torchrun rank holding every row). The torchrec rows
+need the ``torchrec`` extra; ``--only torchrec`` runs just them.
 
 Columns:
     samples/s: global batch x timed steps / rank 0's wall time over them (after ``--warmup``).
-    exchange ms/step: rank 0's time inside the gradient exchange, per step.
+    exchange ms/step: rank 0's time inside the gradient exchange, per step (with torchrec,
+        the towers' all-reduce only: the tables' all-to-alls are inside the step's forward
+        and backward).
     bytes/step/rank: what one rank puts into the gradient collectives per step (dense: the
-        flat gradient buffer; sparse: the coalesced row ids and rows of every table). Gloo's
+        flat gradient buffer; sparse: the coalesced row ids and rows of every table;
+        torchrec: the towers' buffer, plus its ids and bag lengths, 8 bytes each, and the
+        pooled rows of its bags, 4 x D bytes per bag and table, forward and again backward). Gloo's
         ring all-reduce moves about 2 (N-1)/N times the dense buffer per rank; its sparse
         all-reduce and the all-gathers deliver every other rank's share to each rank.
     peak RSS MiB: VmHWM of each rank (data in memory, model, optimizer state, batches).
@@ -68,6 +77,9 @@ CASES = [  # (label, processes, threads, strategy)
     ("1 proc x 1 thread", 1, 1, "dense"),
     ("1 proc x 2 threads", 1, 2, "dense"),
     ("2 procs x 1 thread", 2, 1, "dense"),
+    ("1 proc x 1 thread", 1, 1, "torchrec-row_wise"),
+    ("2 procs x 1 thread", 2, 1, "torchrec-row_wise"),
+    ("2 procs x 1 thread", 2, 1, "torchrec-table_wise"),
 ]
 
 
@@ -81,6 +93,7 @@ def worker(args: argparse.Namespace) -> None:
     from esmm.data.stream import open_split, split_batches
     from esmm.distributed import DistContext
     from esmm.features import spec_from_config
+    from esmm.sharding import sharded_collections
     from esmm.train import Trainer
 
     torch.set_num_threads(args.threads)
@@ -88,6 +101,10 @@ def worker(args: argparse.Namespace) -> None:
     tree["train"]["batch_size"] = args.batch
     if args.strategy == "dense":
         tree["train"]["sparse_optimizer"] = {"name": "dense"}
+    if args.strategy.startswith("torchrec-"):
+        tree["model"].update({"sharding": "torchrec",
+                              "sharding_type": args.strategy.split("-", 1)[1]})
+        tree["train"]["sparse_optimizer"] = {"name": "adagrad"}
     cfg = config_from_dict(tree, "bench distributed")
     ctx = DistContext.from_env(torch.device("cpu"))
     spec = spec_from_config(cfg)
@@ -102,12 +119,16 @@ def worker(args: argparse.Namespace) -> None:
     for _ in range(args.warmup):
         trainer.step(next(batches))
     ctx.barrier()
+    sharded = [m for _, m in sharded_collections(trainer.model)]
     ctx.bytes_sent, exchange["s"] = 0, 0.0
+    for m in sharded:
+        m.bytes_sent = 0
     t0 = time.perf_counter()
     for _ in range(args.steps):
         trainer.step(next(batches))
     ctx.barrier()
     elapsed = time.perf_counter() - t0
+    ctx.bytes_sent += sum(m.bytes_sent for m in sharded)
     params = sum(p.numel() for p in trainer.model.parameters())
     rss = ctx.gather(peak_rss_mib())
     if ctx.is_main:
@@ -117,7 +138,8 @@ def worker(args: argparse.Namespace) -> None:
             "bytes_step": ctx.bytes_sent / args.steps, "rss": rss, "params": params,
             "dense_bytes": 4 * (sum(p.numel() for p in trainer.sync.dense)
                                 + len(trainer.sync.dense)) if ctx.active else 0,
-            "table_rows": sum(p.shape[0] for p in trainer.sync.sparse),
+            "table_rows": sum(p.shape[0] for p in trainer.sync.sparse)
+            + sum(r for m in sharded for r, _ in m._shapes.values()),
             "step_ms": 1000 * elapsed / args.steps}), flush=True)
     ctx.close()
 
@@ -148,7 +170,8 @@ def run_case(args: argparse.Namespace, procs: int, threads: int, strategy: str
     me = [str(Path(__file__).resolve()), "--worker", "--data", str(args.data_dir),
           "--work", str(args.work), "--threads", str(threads), "--strategy", strategy,
           "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup)]
-    cmd = [sys.executable, *me] if procs == 1 else [
+    # A sharded run needs a process group, even of one rank.
+    cmd = [sys.executable, *me] if procs == 1 and "torchrec" not in strategy else [
         sys.executable, "-m", "torch.distributed.run", "--standalone",
         f"--nproc-per-node={procs}", *me]
     proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True, check=False)
@@ -226,6 +249,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="--plan: memory of one worker for tables and Adam state (assumed)")
     ap.add_argument("--latency-us", type=float, default=20.0,
                     help="--plan: seconds per message, in microseconds (assumed)")
+    ap.add_argument("--only", default="", help="run only the embedding strategies whose "
+                    "name contains one of these comma-separated words (sparse, dense, "
+                    "torchrec); their results update WORK/distributed.json")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
@@ -249,9 +275,14 @@ def main(argv: list[str] | None = None) -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     args.data_dir = simulate("small", args.rows, args.work)
     rows = []
-    saved: dict[str, Any] = {"batch": args.batch, "rows": args.rows, "steps": args.steps,
-                             "when": time.strftime("%Y-%m-%d", time.gmtime())}
+    saved: dict[str, Any] = {}
+    if args.only and (args.work / "distributed.json").exists():
+        saved = json.loads((args.work / "distributed.json").read_text())
+    saved.update({"batch": args.batch, "rows": args.rows, "steps": args.steps,
+                  "when": time.strftime("%Y-%m-%d", time.gmtime())})
     for label, procs, threads, strategy in CASES:
+        if args.only and not any(w in strategy for w in args.only.split(",")):
+            continue
         log.info("%s, %s embeddings", label, strategy)
         r = run_case(args, procs, threads, strategy)
         saved[f"{label}/{strategy}"] = r
