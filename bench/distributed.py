@@ -129,6 +129,8 @@ def worker(args: argparse.Namespace) -> None:
     ctx.barrier()
     elapsed = time.perf_counter() - t0
     ctx.bytes_sent += sum(m.bytes_sent for m in sharded)
+    if ctx.world == 1:
+        ctx.bytes_sent = 0  # a one-rank group (sharded runs need one) exchanges nothing
     params = sum(p.numel() for p in trainer.model.parameters())
     rss = ctx.gather(peak_rss_mib())
     if ctx.is_main:
@@ -192,6 +194,12 @@ def plan(args: argparse.Namespace) -> None:
     models = {"Ali-CCP-sized (1.93M rows x 16)": 1_930_170 * 16,
               "1B-row table (x 16)": 1_000_000_000 * 16,
               "measured model": m["table_rows"] * 16}
+    # TorchRec's measured embedding bytes per rank and step (ids, bag lengths, pooled rows
+    # forward and backward), when the torchrec row was measured: an all-to-all in which a
+    # worker sends (n - 1) / n of them, whatever n.
+    trec = saved.get("2 procs x 1 thread/torchrec-row_wise", {})
+    trec_bytes = trec.get("bytes_step", 0) - trec.get("dense_bytes", 0) if "error" not in trec \
+        else 0
     rows = []
     for n in (8, 64, 256):
         ring = 2 * (n - 1) / n * dense / bw + 2 * (n - 1) * lat
@@ -199,13 +207,21 @@ def plan(args: argparse.Namespace) -> None:
         sharded = compute_s + ring + 2 * 2 * (n - 1) / n * sparse / bw + 2 * (n - 1) * lat
         mem = [f"{name}: {3 * 4 * v / 2**30:,.1f} / {3 * 4 * v / n / 2**30:,.2f} GiB"
                for name, v in models.items() if name != "measured model"]
-        rows.append([str(n), f"{n * per_rank / replicated:,.0f}", f"{n * per_rank / sharded:,.0f}",
-                     f"{(n - 1) * sparse / 2**20:,.1f}", f"{4 * (n - 1) / n * sparse / 2**20:,.1f}",
-                     "; ".join(mem)])
+        row = [str(n), f"{n * per_rank / replicated:,.0f}", f"{n * per_rank / sharded:,.0f}"]
+        if trec_bytes:
+            pooled = compute_s + ring + (n - 1) / n * trec_bytes / bw + 4 * (n - 1) * lat
+            row.append(f"{n * per_rank / pooled:,.0f}")
+        rows.append(row + [f"{(n - 1) * sparse / 2**20:,.1f}",
+                           f"{4 * (n - 1) / n * sparse / 2**20:,.1f}", "; ".join(mem)])
     head = ["workers", "samples/s replicated", "samples/s sharded",
+            *(["samples/s sharded, TorchRec bytes"] if trec_bytes else []),
             "MiB in/step/worker, replicated rows", "MiB in/step/worker, sharded rows",
             "tables + Adam per worker, replicated / sharded"]
     print(render(rows, args.markdown, head))
+    if trec_bytes:
+        print(f"\nTorchRec row-wise, measured: {trec_bytes / 2**20:.2f} MiB of ids and pooled "
+              "rows per rank and step (forward and backward), a worker sending (n - 1) / n of "
+              "them in all-to-alls, 4 messages per peer.")
     print(f"\nPLANNING MODEL, not a measurement: per worker {per_rank:.0f} rows/step, compute "
           f"{1000 * compute_s:.0f} ms/step, dense gradients {dense / 2**20:.2f} MiB, touched "
           f"embedding rows {sparse / 2**20:.2f} MiB per step (measured, {saved['when']}); "

@@ -308,6 +308,8 @@ class ShardedEmbeddingCollection(nn.Module):
         """What this rank puts into the embedding collectives of one step: its ids and bag
         lengths (8 bytes each) to the owners, then pooled rows (4 x D bytes per bag and table)
         forward and their gradients backward; other ranks' shares of that are sent likewise."""
+        if self._ctx.world == 1:
+            return  # one rank: TorchRec's collectives move nothing
         pooled = sum(stride * self._shapes[k][1] * 4 for k in self._shapes)
         self.bytes_sent += (kjt.values().numel() + kjt.lengths().numel()) * 8 + 2 * pooled
 
