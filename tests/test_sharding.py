@@ -165,6 +165,30 @@ def test_a_sharded_checkpoint_loads_and_evaluates_in_one_process(runs):
         assert got[k] == pytest.approx(v, rel=1e-6, abs=1e-9), k
 
 
+@needs_torchrec
+def test_uneven_evaluation_shares_of_a_two_collection_model_score_every_row(flat_data,
+                                                                          tmp_path):
+    """esmm_ns (a CTR and a CVR embedding collection, each sharded) evaluated on 2001 rows in
+    batches of 1000: rank 0 scores 1000 rows in one batch, rank 1 1001 rows in two, so rank 0
+    keeps rank 1 company with empty forwards; the metrics equal one process scoring best.pt."""
+    import pyarrow.parquet as pq
+
+    odd = tmp_path / "odd.parquet"
+    pq.write_table(pq.read_table(flat_data["valid"]).slice(0, 2001), odd)
+    tree = _tree(flat_data, sharding="torchrec", name="esmm_ns")
+    tree["data"]["eval"] = str(odd)
+    tree["train"].update({"max_steps": 4, "eval_every": 4, "eval_batch_size": 1000})
+    run = tmp_path / "run"
+    _esmm_train(_write(tree, tmp_path / "c.yaml"), run)
+    model, cfg, spec, _ = load_model(run)
+    assert sum(k.endswith(".weights.dim8") for k in model.state_dict()) == 2
+    got = evaluate(model, open_split(odd, spec, cfg.data))
+    want = json.loads((run / "metrics.json").read_text())["metrics"]
+    assert want["n_impressions"] == 2001
+    for k, v in want.items():
+        assert got[k] == pytest.approx(v, rel=1e-6, abs=1e-9), k
+
+
 def _worker_killed_run(cfg_path: str, out: str, kill_at: str) -> None:
     """Train under torchrun and stop rank 1 abruptly at step ``kill_at``."""
     rank = int(os.environ["RANK"])

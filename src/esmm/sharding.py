@@ -123,6 +123,13 @@ def build_sharded_model(cfg: Config, spec: FeatureSpec, ctx: Any) -> nn.Module:
         old = getattr(owner, attr)
         setattr(owner, attr, ShardedEmbeddingCollection(
             spec, cfg, ctx, name=name, sparse=old.sparse))
+    # Tables outside an embedding collection were built with the one-row spec: refuse them.
+    other = [n for n, m in model.named_modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))]
+    if other or not names:
+        what = f"embedding tables outside esmm's embedding collection ({other})" if other \
+            else "no embedding collection"
+        raise ConfigError(f"model.sharding=torchrec: model {cfg.model.name!r} has {what}; it "
+                          "trains with model.sharding=none only")
     return model.to(ctx.device)
 
 
@@ -313,18 +320,13 @@ class ShardedEmbeddingCollection(nn.Module):
         pooled = sum(stride * self._shapes[k][1] * 4 for k in self._shapes)
         self.bytes_sent += (kjt.values().numel() + kjt.lengths().numel()) * 8 + 2 * pooled
 
-    def finish(self) -> None:
-        """Empty forwards until no rank runs forwards of its own (an uneven evaluation)."""
-        while True:
-            stride = self._agree(0, active=False)
-            if not stride:
-                return
-            empty = {k: (torch.zeros(0, dtype=torch.int64, device=self._ctx.device),
-                         torch.zeros(1, dtype=torch.int64, device=self._ctx.device),
-                         torch.zeros(1, dtype=torch.int64, device=self._ctx.device))
-                     for k in self._names}
-            with torch.no_grad():
-                self._pooled(empty, dict.fromkeys(self._names, 0), stride)
+    def empty_forward(self, stride: int) -> None:
+        """A forward with no ids, padded to ``stride`` bags: this rank's part of the others'
+        lookups once its own forwards are done (:func:`finish_forwards`)."""
+        zero = torch.zeros(1, dtype=torch.int64, device=self._ctx.device)
+        empty = {k: (zero[:0], zero, zero) for k in self._names}
+        with torch.no_grad():
+            self._pooled(empty, dict.fromkeys(self._names, 0), stride)
 
 
 def _init_block(seed: int, name: str, key: str, block: int, width: int,
@@ -421,9 +423,19 @@ def sharded_collections(model: nn.Module) -> list[tuple[str, ShardedEmbeddingCol
 
 
 def finish_forwards(model: nn.Module) -> None:
-    """After a rank's last forward of an evaluation: keep step with ranks that have more."""
-    for _, m in sharded_collections(model):
-        m.finish()
+    """After a rank's last forward of an evaluation: empty forwards, round after round, while
+    any rank still runs forwards of its own (evaluation shares differ by up to a batch).
+
+    A round mirrors one model forward: each collection in the order the models call them (the
+    order they are registered in, CTR side first), each agreeing on its bag count first.
+    """
+    found = [m for _, m in sharded_collections(model)]
+    while found:
+        for m in found:
+            stride = m._agree(0, active=False)
+            if not stride:
+                return  # no rank is running forwards
+            m.empty_forward(stride)
 
 
 def _gather(meta: Any, local: dict[tuple[int, int], torch.Tensor],
