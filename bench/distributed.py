@@ -12,14 +12,23 @@ the same global batch (``--batch``), one training step after another with the tr
 
 per embedding strategy: ``sparse`` tables (sparse gradients, RowSparseAdam) exchanged by a
 sparse all-reduce (gloo's) or by all-gathers of row ids and rows (NCCL's way, run here on
-gloo), and ``dense`` tables (``train.sparse_optimizer: dense``: the tables' gradients are dense
-and ride in the one dense all-reduce).
+gloo), ``dense`` tables (``train.sparse_optimizer: dense``: the tables' gradients are dense
+and ride in the one dense all-reduce), and tables sharded with TorchRec
+(``model.sharding: torchrec``, ``torchrec-row_wise`` / ``torchrec-table_wise``: each rank holds
+its share of the rows, ids and pooled rows go to and from their owners by all-to-all inside
+the forward and backward passes, Adagrad fused into the backward pass, as FBGEMM's CPU kernels
+have no Adam; a one-process row is one torchrun rank holding every row). The torchrec rows
+need the ``torchrec`` extra; ``--only torchrec`` runs just them.
 
 Columns:
     samples/s: global batch x timed steps / rank 0's wall time over them (after ``--warmup``).
-    exchange ms/step: rank 0's time inside the gradient exchange, per step.
+    exchange ms/step: rank 0's time inside the gradient exchange, per step (with torchrec,
+        the towers' all-reduce only: the tables' all-to-alls are inside the step's forward
+        and backward).
     bytes/step/rank: what one rank puts into the gradient collectives per step (dense: the
-        flat gradient buffer; sparse: the coalesced row ids and rows of every table). Gloo's
+        flat gradient buffer; sparse: the coalesced row ids and rows of every table;
+        torchrec: the towers' buffer, plus its ids and bag lengths, 8 bytes each, and the
+        pooled rows of its bags, 4 x D bytes per bag and table, forward and again backward). Gloo's
         ring all-reduce moves about 2 (N-1)/N times the dense buffer per rank; its sparse
         all-reduce and the all-gathers deliver every other rank's share to each rank.
     peak RSS MiB: VmHWM of each rank (data in memory, model, optimizer state, batches).
@@ -68,6 +77,9 @@ CASES = [  # (label, processes, threads, strategy)
     ("1 proc x 1 thread", 1, 1, "dense"),
     ("1 proc x 2 threads", 1, 2, "dense"),
     ("2 procs x 1 thread", 2, 1, "dense"),
+    ("1 proc x 1 thread", 1, 1, "torchrec-row_wise"),
+    ("2 procs x 1 thread", 2, 1, "torchrec-row_wise"),
+    ("2 procs x 1 thread", 2, 1, "torchrec-table_wise"),
 ]
 
 
@@ -81,6 +93,7 @@ def worker(args: argparse.Namespace) -> None:
     from esmm.data.stream import open_split, split_batches
     from esmm.distributed import DistContext
     from esmm.features import spec_from_config
+    from esmm.sharding import sharded_collections
     from esmm.train import Trainer
 
     torch.set_num_threads(args.threads)
@@ -88,6 +101,10 @@ def worker(args: argparse.Namespace) -> None:
     tree["train"]["batch_size"] = args.batch
     if args.strategy == "dense":
         tree["train"]["sparse_optimizer"] = {"name": "dense"}
+    if args.strategy.startswith("torchrec-"):
+        tree["model"].update({"sharding": "torchrec",
+                              "sharding_type": args.strategy.split("-", 1)[1]})
+        tree["train"]["sparse_optimizer"] = {"name": "adagrad"}
     cfg = config_from_dict(tree, "bench distributed")
     ctx = DistContext.from_env(torch.device("cpu"))
     spec = spec_from_config(cfg)
@@ -102,12 +119,18 @@ def worker(args: argparse.Namespace) -> None:
     for _ in range(args.warmup):
         trainer.step(next(batches))
     ctx.barrier()
+    sharded = [m for _, m in sharded_collections(trainer.model)]
     ctx.bytes_sent, exchange["s"] = 0, 0.0
+    for m in sharded:
+        m.bytes_sent = 0
     t0 = time.perf_counter()
     for _ in range(args.steps):
         trainer.step(next(batches))
     ctx.barrier()
     elapsed = time.perf_counter() - t0
+    ctx.bytes_sent += sum(m.bytes_sent for m in sharded)
+    if ctx.world == 1:
+        ctx.bytes_sent = 0  # a one-rank group (sharded runs need one) exchanges nothing
     params = sum(p.numel() for p in trainer.model.parameters())
     rss = ctx.gather(peak_rss_mib())
     if ctx.is_main:
@@ -117,7 +140,8 @@ def worker(args: argparse.Namespace) -> None:
             "bytes_step": ctx.bytes_sent / args.steps, "rss": rss, "params": params,
             "dense_bytes": 4 * (sum(p.numel() for p in trainer.sync.dense)
                                 + len(trainer.sync.dense)) if ctx.active else 0,
-            "table_rows": sum(p.shape[0] for p in trainer.sync.sparse),
+            "table_rows": sum(p.shape[0] for p in trainer.sync.sparse)
+            + sum(r for m in sharded for r, _ in m._shapes.values()),
             "step_ms": 1000 * elapsed / args.steps}), flush=True)
     ctx.close()
 
@@ -148,7 +172,8 @@ def run_case(args: argparse.Namespace, procs: int, threads: int, strategy: str
     me = [str(Path(__file__).resolve()), "--worker", "--data", str(args.data_dir),
           "--work", str(args.work), "--threads", str(threads), "--strategy", strategy,
           "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup)]
-    cmd = [sys.executable, *me] if procs == 1 else [
+    # A sharded run needs a process group, even of one rank.
+    cmd = [sys.executable, *me] if procs == 1 and "torchrec" not in strategy else [
         sys.executable, "-m", "torch.distributed.run", "--standalone",
         f"--nproc-per-node={procs}", *me]
     proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True, check=False)
@@ -169,6 +194,12 @@ def plan(args: argparse.Namespace) -> None:
     models = {"Ali-CCP-sized (1.93M rows x 16)": 1_930_170 * 16,
               "1B-row table (x 16)": 1_000_000_000 * 16,
               "measured model": m["table_rows"] * 16}
+    # TorchRec's measured embedding bytes per rank and step (ids, bag lengths, pooled rows
+    # forward and backward), when the torchrec row was measured: an all-to-all in which a
+    # worker sends (n - 1) / n of them, whatever n.
+    trec = saved.get("2 procs x 1 thread/torchrec-row_wise", {})
+    trec_bytes = trec.get("bytes_step", 0) - trec.get("dense_bytes", 0) if "error" not in trec \
+        else 0
     rows = []
     for n in (8, 64, 256):
         ring = 2 * (n - 1) / n * dense / bw + 2 * (n - 1) * lat
@@ -176,13 +207,21 @@ def plan(args: argparse.Namespace) -> None:
         sharded = compute_s + ring + 2 * 2 * (n - 1) / n * sparse / bw + 2 * (n - 1) * lat
         mem = [f"{name}: {3 * 4 * v / 2**30:,.1f} / {3 * 4 * v / n / 2**30:,.2f} GiB"
                for name, v in models.items() if name != "measured model"]
-        rows.append([str(n), f"{n * per_rank / replicated:,.0f}", f"{n * per_rank / sharded:,.0f}",
-                     f"{(n - 1) * sparse / 2**20:,.1f}", f"{4 * (n - 1) / n * sparse / 2**20:,.1f}",
-                     "; ".join(mem)])
+        row = [str(n), f"{n * per_rank / replicated:,.0f}", f"{n * per_rank / sharded:,.0f}"]
+        if trec_bytes:
+            pooled = compute_s + ring + (n - 1) / n * trec_bytes / bw + 4 * (n - 1) * lat
+            row.append(f"{n * per_rank / pooled:,.0f}")
+        rows.append(row + [f"{(n - 1) * sparse / 2**20:,.1f}",
+                           f"{4 * (n - 1) / n * sparse / 2**20:,.1f}", "; ".join(mem)])
     head = ["workers", "samples/s replicated", "samples/s sharded",
+            *(["samples/s sharded, TorchRec bytes"] if trec_bytes else []),
             "MiB in/step/worker, replicated rows", "MiB in/step/worker, sharded rows",
             "tables + Adam per worker, replicated / sharded"]
     print(render(rows, args.markdown, head))
+    if trec_bytes:
+        print(f"\nTorchRec row-wise, measured: {trec_bytes / 2**20:.2f} MiB of ids and pooled "
+              "rows per rank and step (forward and backward), a worker sending (n - 1) / n of "
+              "them in all-to-alls, 4 messages per peer.")
     print(f"\nPLANNING MODEL, not a measurement: per worker {per_rank:.0f} rows/step, compute "
           f"{1000 * compute_s:.0f} ms/step, dense gradients {dense / 2**20:.2f} MiB, touched "
           f"embedding rows {sparse / 2**20:.2f} MiB per step (measured, {saved['when']}); "
@@ -226,6 +265,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="--plan: memory of one worker for tables and Adam state (assumed)")
     ap.add_argument("--latency-us", type=float, default=20.0,
                     help="--plan: seconds per message, in microseconds (assumed)")
+    ap.add_argument("--only", default="", help="run only the embedding strategies whose "
+                    "name contains one of these comma-separated words (sparse, dense, "
+                    "torchrec); their results update WORK/distributed.json")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
@@ -249,9 +291,14 @@ def main(argv: list[str] | None = None) -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     args.data_dir = simulate("small", args.rows, args.work)
     rows = []
-    saved: dict[str, Any] = {"batch": args.batch, "rows": args.rows, "steps": args.steps,
-                             "when": time.strftime("%Y-%m-%d", time.gmtime())}
+    saved: dict[str, Any] = {}
+    if args.only and (args.work / "distributed.json").exists():
+        saved = json.loads((args.work / "distributed.json").read_text())
+    saved.update({"batch": args.batch, "rows": args.rows, "steps": args.steps,
+                  "when": time.strftime("%Y-%m-%d", time.gmtime())})
     for label, procs, threads, strategy in CASES:
+        if args.only and not any(w in strategy for w in args.only.split(",")):
+            continue
         log.info("%s, %s embeddings", label, strategy)
         r = run_case(args, procs, threads, strategy)
         saved[f"{label}/{strategy}"] = r

@@ -237,6 +237,10 @@ def _launch_ranks(cfg: Config, nproc: int, train_args: list[str]) -> None:
         raise UsageError("--nproc: this process is already a torchrun rank; drop --nproc")
     resolve_monitor(cfg)
     check_data_paths(cfg, ["train", "eval"])
+    if cfg.model.sharding != "none":
+        from esmm.sharding import check_sharding
+
+        check_sharding(cfg)
     cmd = torchrun_command(nproc, ["train", *train_args])
     log.info("launching %d processes: %s", nproc, " ".join(cmd))
     code = subprocess.call(cmd)

@@ -451,6 +451,12 @@ class ModelConfig(_Strict):
     oversample_k: int | None = Field(default=None, ge=1)
     unbias_clip: float | None = Field(default=None, gt=0.0, le=1.0)
     division_clip: float | None = Field(default=None, gt=0.0, le=1.0)
+    # Embedding tables sharded across the ranks (docs/scaling.md): ``none`` replicates them on
+    # every rank; ``torchrec`` shards them with TorchRec (the ``torchrec`` extra), row by row
+    # (``row_wise``: every table split in contiguous row ranges, one per rank) or whole tables
+    # placed on ranks (``table_wise``).
+    sharding: Literal["none", "torchrec"] = "none"
+    sharding_type: Literal["row_wise", "table_wise"] = "row_wise"
 
     @field_validator("tower")
     @classmethod

@@ -229,6 +229,10 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False,
     if resume and not run.exists():
         raise UsageError(f"--resume: {run} does not exist; nothing to resume")
     check_precision(cfg.train.precision, resolve_device(cfg.train.device))
+    if cfg.model.sharding != "none":
+        from esmm.sharding import check_sharding
+
+        check_sharding(cfg)
     ctx = DistContext.from_env(resolve_device(cfg.train.device))
     try:
         with run_lock(run) if ctx.is_main else nullcontext():
@@ -337,7 +341,12 @@ class Trainer:
         self.train_data, self.eval_data, self.device, self.on_step = (
             train_data, eval_data, device, on_step)
         self.ctx = ctx or DistContext(device=device)
-        self.model = build_model(cfg, spec).to(device)
+        if cfg.model.sharding == "none":
+            self.model = build_model(cfg, spec).to(device)
+        else:
+            from esmm.sharding import build_sharded_model
+
+            self.model = build_sharded_model(cfg, spec, self.ctx)
         self.opts = build_optimizers(self.model, cfg)
         self.monitor, self.mode = resolve_monitor(cfg)
         world = self.ctx.world
@@ -434,6 +443,10 @@ class Trainer:
             torch.cuda.set_rng_state(cuda_rng[self.ctx.rank], self.device)
         if self.scaler is not None and state.get("grad_scaler"):
             self.scaler.load_state_dict(state["grad_scaler"])
+        if self.cfg.model.sharding != "none":
+            from esmm.sharding import load_sharded_optimizer
+
+            load_sharded_optimizer(self.model, state.get("sharded_optimizer") or {})
         self.progress = Progress(
             step=state["step"], samples=state.get("samples", 0), epoch=state["epoch"],
             batch_in_epoch=state["batch_in_epoch"], best_metric=state["best_metric"],
@@ -449,9 +462,18 @@ class Trainer:
         if resumable and self.ctx.active:
             cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
             rngs = self.ctx.gather((torch.get_rng_state(), cuda))
+        sharded: dict[str, Any] = {}
+        if self.cfg.model.sharding != "none":
+            from esmm.sharding import gather_sharded
+
+            sharded = gather_sharded(self.model, self.ctx.rank, optimizer=resumable)
         if not self.ctx.is_main:
             return
         state = self.state_dict(resumable)
+        if sharded:
+            state["model"] = {**state["model"], **sharded["model"]}
+            if resumable:
+                state["sharded_optimizer"] = sharded["optimizer"]
         if rngs is not None:
             state["torch_rng_ranks"] = [r[0] for r in rngs]
             state["cuda_rng_ranks"] = [r[1] for r in rngs]
@@ -555,6 +577,10 @@ class Trainer:
             # In memory every rank holds the labels; a stream's come with the scores.
             if not isinstance(data, EncodedData):
                 keep = _label_arrays(labels)
+        if self.cfg.model.sharding != "none":
+            from esmm.sharding import finish_forwards
+
+            finish_forwards(self.model)  # sharded forwards are collectives: shares differ
         parts = self.ctx.gather((share.n, preds, keep))
         metrics: dict[str, float] | None = None
         if parts is not None:
