@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint wheel-check bench clean
+.PHONY: setup demo test test-sharding lint wheel-check bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,13 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+# The TorchRec sharding tests (skipped by `make test` without the `torchrec` extra): the extra,
+# then torchrec itself without its dependencies (its metadata asks for the CUDA fbgemm-gpu).
+test-sharding: $(STAMP)
+	$(PY) -m pip install --disable-pip-version-check -q -e '.[dev,torchrec]'
+	$(PY) -m pip install --disable-pip-version-check -q --no-deps torchrec==1.8.0
+	$(PY) -m pytest tests/test_sharding.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench
