@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -121,3 +122,30 @@ def test_autocast_and_other_dtypes_use_f_linear():
         assert not mlp.onednn_applies(torch.randn(8, 4))
         out = linear(torch.randn(8, 4), torch.randn(3, 4), None)
     assert out.dtype == torch.bfloat16
+
+
+def test_evaluation_predictions_equal_the_training_forward(flat_data, cfg_factory, tmp_path):
+    # A trained ESMM with batch norm: esmm evaluate's predictions (inference mode, batch norm
+    # folded, oneDNN products) against the model's forward with autograd on, layer by layer.
+    from esmm.data.batches import iter_batches
+    from esmm.data.tables import load_split
+    from esmm.evaluate import predict_arrays
+    from esmm.models.base import OUTPUT_NAMES
+    from esmm.train import load_model, train
+
+    cfg = cfg_factory(flat_data["train"], overrides={"model.batch_norm": True}, epochs=1)
+    train(cfg, tmp_path / "run")
+    model, cfg, spec, _ = load_model(tmp_path / "run")
+    data = load_split(flat_data["valid"], spec, cfg.data)
+    preds = predict_arrays(model, data, batch_size=1024)
+    model.eval()
+    pos = 0
+    for batch in iter_batches(data, 1024):
+        with torch.enable_grad():
+            probs = model.predict(model(batch))
+        for k in OUTPUT_NAMES:
+            ref = probs[k].detach().double().numpy()
+            np.testing.assert_allclose(preds[k][pos:pos + batch.size], ref, rtol=0, atol=1e-6)
+        pos += batch.size
+    assert pos == data.n
+    assert any(isinstance(m, torch.nn.BatchNorm1d) for m in model.modules())
