@@ -82,7 +82,10 @@ preset, default ``small``, at the last thread count): the model of (a) scores a 
 simulated test split as ``esmm evaluate`` does, with ``--loader stream`` and ``--loader
 memory``, each in its own child: seconds to open the split,
 to predict every row, to compute every metric (exact AUC, GAUC, log loss, PCOC per task, from
-the sorted scores), rows/s over the whole, and peak RSS.
+the sorted scores), rows/s over the whole, and peak RSS. A third table splits each run into
+phases: reading Parquet (decoding; a streamed split's label pass and users table), encoding
+(hashing ids, labels), batching (gathering rows into batches), forward (the model and its
+probabilities), other (copying outputs and keeping labels) and metrics.
 
 Differences that remain, by design of each library: esmm keeps the fields of one embedding
 width in one table, which takes sparse gradients and a row-wise SparseAdam (its default),
@@ -698,7 +701,8 @@ def measure_rechub(job: Job) -> dict[str, Any]:
 
 
 def measure_eval(job: Job) -> dict[str, Any]:
-    """``esmm evaluate``'s path on ``job.eval_dir`` with ``job.loader``: open, predict, metrics."""
+    """``esmm evaluate``'s path on ``job.eval_dir`` with ``job.loader``: open, predict, metrics,
+    with the time of each phase (``phases_s``, see :func:`timed_eval_phases`)."""
     import esmm.evaluate as ev
     from esmm.data.stream import open_split
     from esmm.train import load_model
@@ -706,15 +710,25 @@ def measure_eval(job: Job) -> dict[str, Any]:
     set_threads(job.threads)
     model, cfg, spec, _ = load_model(job.run_dir)
     model.to(job.device)
+    phases = timed_eval_phases(model)
     t0 = time.perf_counter()
     split = open_split(job.eval_dir, spec, cfg.data, loader=job.loader)
     t1 = time.perf_counter()
+    chunks_at_open = phases["chunks"]
     preds, labels = ev.predict_split(model, split, cfg.train.eval_batch_size)
     t2 = time.perf_counter()
     metrics = ev.evaluate_arrays(model, labels, preds)
     t3 = time.perf_counter()
+    # Reading is what opening and chunking took beyond encoding (Parquet decoding, a streamed
+    # split's label pass and users table); "other" is the rest of predict_split (copying the
+    # outputs and the labels kept for the metrics).
+    chunks = phases.pop("chunks") - chunks_at_open
+    phases["read"] = (t1 - t0) + chunks - phases["encode"]
+    phases["other"] = (t2 - t1) - chunks - phases["batching"] - phases["forward"]
+    phases["metrics"] = t3 - t2
     return {"rows": labels.n, "open_s": t1 - t0, "predict_s": t2 - t1, "metrics_s": t3 - t2,
             "total_s": t3 - t0, "rate": labels.n / (t3 - t0), "peak_rss_mib": peak_rss_mib(),
+            "phases_s": phases,
             "metrics": {k: metrics[k] for k in ("ctr_auc", "ctr_gauc", "cvr_auc", "ctcvr_auc",
                                                 "cvr_auc_entire_space") if k in metrics},
             "n_metrics": len(metrics)}
@@ -733,6 +747,50 @@ def measure_zoo(job: Job) -> dict[str, Any]:
     return {**summarize(r["stamps"], r["samples"], job, t_call=t_call, t_loop=r["start"]),
             "load_s": r["load_s"], "rows": r["rows"], "params": r["params"],
             "peak_rss_mib": peak_rss_mib(), "device": job.device}
+
+
+def timed_eval_phases(model: Any) -> dict[str, float]:
+    """Seconds spent, from now on in this child, encoding (``encode``: hashing ids, labels),
+    reading and encoding chunks of a streamed split (``chunks``), making batches
+    (``make_batch``, and the concatenation of a stream's chunks) and in the model's forward
+    pass with its probabilities (``forward``). Wraps those functions; changes nothing else."""
+    import esmm.data.batches as batches_mod
+    import esmm.data.stream as stream_mod
+    import esmm.data.tables as tables_mod
+
+    spent = {"encode": 0.0, "chunks": 0.0, "batching": 0.0, "forward": 0.0}
+
+    def timer(fn: Callable[..., Any], key: str) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[key] += time.perf_counter() - t
+        return timed
+
+    def timed_chunks(self: Any, *args: Any, **kwargs: Any) -> Iterator[Any]:
+        it = real_chunks(self, *args, **kwargs)
+        while True:
+            t = time.perf_counter()
+            try:
+                chunk = next(it)
+            except StopIteration:
+                return
+            finally:
+                spent["chunks"] += time.perf_counter() - t
+            yield chunk
+
+    real_chunks = stream_mod.ParquetStream.chunks
+    stream_mod.ParquetStream.chunks = timed_chunks
+    for mod in (tables_mod, stream_mod):
+        mod.encode = timer(mod.encode, "encode")
+    for mod in (batches_mod, stream_mod):
+        mod.make_batch = timer(mod.make_batch, "batching")
+    stream_mod.concat_encoded = timer(stream_mod.concat_encoded, "batching")
+    model.forward = timer(model.forward, "forward")
+    model.predict = timer(model.predict, "forward")
+    return spent
 
 
 MEASURES: dict[str, Callable[[Job], dict[str, Any]]] = {
@@ -925,6 +983,16 @@ def eval_rows(size: str, results: dict[str, dict[str, Any]]) -> list[list[str]]:
     return rows
 
 
+EVAL_PHASES = ("read", "encode", "batching", "forward", "other", "metrics")
+EVAL_PHASE_COLUMNS = ("loader", *(f"{p} s" for p in EVAL_PHASES), "total s")
+
+
+def eval_phase_rows(results: dict[str, dict[str, Any]]) -> list[list[str]]:
+    """Where each evaluation run's seconds went (:func:`measure_eval`'s ``phases_s``)."""
+    return [[loader, *(f"{r['phases_s'][p]:.1f}" for p in EVAL_PHASES), f"{r['total_s']:.1f}"]
+            for loader, r in results.items() if "phases_s" in r]
+
+
 def render(rows: list[list[str]], markdown: bool, columns: tuple[str, ...] = COLUMNS) -> str:
     if markdown:
         lines = ["| " + " | ".join(columns) + " |",
@@ -1042,12 +1110,13 @@ def measure_sizes(args: argparse.Namespace, work: Path, threads: int, labels: di
 
 
 def measure_evaluation(args: argparse.Namespace, work: Path, details: dict[str, Any]
-                       ) -> list[list[str]]:
-    """The evaluation table: the (a) model of ``--eval-size`` at the last thread count."""
+                       ) -> tuple[list[list[str]], list[list[str]]]:
+    """The evaluation table and its phase table: the (a) model of ``--eval-size`` at the
+    last thread count."""
     size, threads = args.eval_size, args.thread_list[-1]
     if size not in details:
         log.warning("no evaluation: --eval-size %s is not among --sizes", size)
-        return []
+        return [], []
     eval_dir = simulate(size, args.eval_rows, work, split="test")
     results: dict[str, dict[str, Any]] = {}
     for loader in EVAL_LOADERS:
@@ -1059,7 +1128,7 @@ def measure_evaluation(args: argparse.Namespace, work: Path, details: dict[str, 
             results[loader] = {"error": "no model: (a) failed"}
             continue
         results[loader] = run_child(job)
-    return eval_rows(size, results)
+    return eval_rows(size, results), eval_phase_rows(results)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -1086,13 +1155,14 @@ def main(argv: list[str] | None = None) -> None:
     phases: list[list[str]] = []
     details: dict[str, dict[str, Any]] = {}
     eval_table: list[list[str]] = []
+    eval_phases: list[list[str]] = []
     try:
         for threads in args.thread_list:
             more, more_phases, details = measure_sizes(args, work, threads, labels)
             rows += more
             phases += more_phases
         if args.eval_rows:
-            eval_table = measure_evaluation(args, work, details)
+            eval_table, eval_phases = measure_evaluation(args, work, details)
     finally:
         if args.work is None and not args.keep:
             shutil.rmtree(work, ignore_errors=True)
@@ -1105,6 +1175,9 @@ def main(argv: list[str] | None = None) -> None:
     if eval_table:
         print()
         print(render(eval_table, args.markdown, EVAL_COLUMNS))
+    if eval_phases:
+        print()
+        print(render(eval_phases, args.markdown, EVAL_PHASE_COLUMNS))
     print()
     print("\n".join(run_notes(args, details, t_start, load_before, load_after, crowded)))
 

@@ -522,6 +522,17 @@ def test_spearman_and_ranks_match_scipy(seed, decimals):
     assert spearman(x, y) == pytest.approx(scipy_stats.spearmanr(x, y).statistic, abs=TOL)
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_ranks_of_float32_values_match_scipy(seed):
+    # float32-valued inputs (model scores) are ranked through one sort of packed keys.
+    rng = np.random.default_rng(700 + seed)
+    n = int(rng.integers(50, 4000))
+    x = _float32_scores(rng, n, np.zeros(n))
+    np.testing.assert_array_equal(average_ranks(x), scipy_stats.rankdata(x))
+    y = rng.normal(size=n)
+    assert spearman(x, y) == pytest.approx(scipy_stats.spearmanr(x, y).statistic, abs=TOL)
+
+
 @settings(max_examples=150, deadline=None, derandomize=True)
 @given(st.lists(st.tuples(st.integers(-3, 3), st.integers(-3, 3)), min_size=2, max_size=40))
 def test_spearman_property_matches_scipy(pairs):
