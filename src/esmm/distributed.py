@@ -113,8 +113,14 @@ class DistContext:
         log.info("rank %d of %d (%s on %s)", rank, world, backend, device)
         return cls(rank, world, local, backend, device)
 
-    def close(self) -> None:
+    def close(self, synchronize: bool = False) -> None:
+        """Leave the process group. ``synchronize`` (a run that finished on this rank) waits
+        for every rank first: a rank that tears its group down while another still has a
+        collective in flight was seen to abort at exit (SIGABRT) with TorchRec's sharded
+        tables. After a failure no rank waits: the others may be gone."""
         if self.active and dist.is_initialized():
+            if synchronize:
+                self.barrier()
             dist.destroy_process_group()
 
     # ------------------------------------------------------------------------- collectives

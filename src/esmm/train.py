@@ -234,12 +234,15 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False,
 
         check_sharding(cfg)
     ctx = DistContext.from_env(resolve_device(cfg.train.device))
+    finished = False
     try:
         with run_lock(run) if ctx.is_main else nullcontext():
-            return _train_locked(cfg, run, resume, train_data, eval_data, on_step, ctx,
-                                 on_eval)
+            result = _train_locked(cfg, run, resume, train_data, eval_data, on_step, ctx,
+                                   on_eval)
+        finished = True
+        return result
     finally:
-        ctx.close()
+        ctx.close(synchronize=finished)
 
 
 def check_precision(precision: str, device: torch.device) -> None:
