@@ -9,10 +9,11 @@ VmHWM from /proc/self/status, is its own), on the same simulated rows:
     inside ``open_split`` (read Parquet + encode); every step is timestamped by ``on_step``.
 (a') the same with ``data.loader: stream``: Parquet read and encoded chunk by chunk while
     training (``load s`` is then only the label pass and the users table), two-level shuffle.
-(b) a plain PyTorch loop over the same model (``build_model``), optimizers (``build_optimizers``)
-    and batches, the batches pre-made in memory with ``esmm.data.batches.iter_batches`` before
-    the clock starts; the loop is forward, loss, backward, step and nothing else: the ceiling
-    of (a) for this model on this machine.
+(b) a plain PyTorch loop over the same model (``build_model``), optimizers (``build_optimizers``),
+    malloc settings (:mod:`esmm.allocator`, as ``train()`` applies them) and batches, the
+    batches pre-made in memory with ``esmm.data.batches.iter_batches`` before the clock starts;
+    the loop is forward, loss, backward, step and nothing else: the ceiling of (a) for this
+    model on this machine.
 (a'') for the shipped config: (a) on a copy of the training split whose bags are cut to
     the lengths (c) pads to (each field's mean length per impression, rounded up), keeping a
     bag's last ids as rechub's ``pad_sequences`` does: both then train on the same ids, and
@@ -435,6 +436,7 @@ def measure_plain(job: Job) -> dict[str, Any]:
     time ``iter_batches`` took to make one batch, outside the loop)."""
     import torch
 
+    from esmm.allocator import keep_large_buffers
     from esmm.data.batches import iter_batches
     from esmm.data.tables import load_split
     from esmm.features import spec_from_config
@@ -442,6 +444,7 @@ def measure_plain(job: Job) -> dict[str, Any]:
     from esmm.train import build_optimizers
 
     set_threads(job.threads)
+    keep_large_buffers()  # the malloc settings esmm.train uses: (b) stays (a)'s ceiling
     cfg = load_config(job)
     tc = cfg.train
     spec = spec_from_config(cfg)

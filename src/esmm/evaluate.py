@@ -12,6 +12,7 @@ import logging
 import numpy as np
 import torch
 
+from esmm.allocator import keep_large_buffers
 from esmm.data.batches import iter_batches, read_ahead
 from esmm.data.stream import Split
 from esmm.data.tables import EncodedData
@@ -41,6 +42,7 @@ def predict_arrays(model: MultiTaskModel, data: EncodedData, batch_size: int = 8
     Returns:
         ``p_ctr``, ``p_cvr``, ``p_ctcvr``: each (N,) float64.
     """
+    keep_large_buffers()
     was_training = model.training
     model.eval()
     device = _device(model)
@@ -82,6 +84,7 @@ def predict_split(model: MultiTaskModel, split: Split, batch_size: int = 8192
     # The batches of the in-memory split, read chunk by chunk: the same predictions, bit for bit.
     # Outputs are allocated once for all N rows: thousands of small per-batch arrays kept to the
     # end would pin the allocator's heap under every transient batch and grow RSS with N.
+    keep_large_buffers()
     n = split.n
     preds = {k: np.empty(n, dtype=np.float64) for k in OUTPUT_NAMES}
     cols: dict[str, np.ndarray] = {}

@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 import esmm
+from esmm.allocator import keep_large_buffers
 from esmm.checkpoint import (
     checkpoint_entry,
     find_checkpoint,
@@ -287,6 +288,7 @@ def _train_locked(cfg: Config, run: Path, resume: bool, train_data: Split | None
     tc = cfg.train
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
+    keep_large_buffers()  # a step's large buffers are reused, not page-faulted anew each step
     torch.manual_seed(tc.seed)
     spec = training_spec(cfg, state, train_data)
     if train_data is None:
