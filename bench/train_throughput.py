@@ -43,15 +43,16 @@ Columns:
     peak RSS MiB: the child's VmHWM: data in memory, model, optimizer state, batches.
     a / b and a / c rows: ratios of (a) to (b) and to (c) (above 1: (a) is faster or, for
         memory, larger); for the shipped config the comparison with (c) is a'' / c, and
-        ``a / a(shipped-grouped)`` is the shipped config's speed over its speed with users
-        grouped, at the same thread count.
+        ``a(shipped-rows) / a`` is the shipped config's speed with single rows shuffled over
+        its speed as shipped (users grouped), at the same thread count.
 
 Sizes (every size at each of ``--threads``, default 1 and 2):
     shipped: ``configs/esmm_sim.yaml`` as a user runs it (the paper's 360-200-80 towers,
-        embedding 18, rows shuffled, no batch norm) on the ``aliccp`` preset, one epoch
-        capped by ``--steps``; (c) keeps its towers' batch norm.
-    shipped-grouped: the same with ``train.shuffle_block: 64`` (users' impressions kept
-        together, the demo's setting).
+        embedding 18, blocks of 64 rows shuffled so a user's impressions stay together, no
+        batch norm) on the ``aliccp`` preset, one epoch capped by ``--steps``; (c) keeps its
+        towers' batch norm.
+    shipped-rows: the same with ``train.shuffle_block: 1`` (single impressions shuffled: every
+        impression carries its user's bags into the batch).
     shipped-base: the same config with ``model.name=base`` (two nets, two embedding sets).
     shipped-attention: the same config with the four user behaviour bags pooled by DIN
         target attention (``pooling: attention``, the default unit: MLP 80-40, unnormalised
@@ -102,7 +103,7 @@ implementation on the same work. The machine's load average is printed under the
 shared machine run it twice before trusting a difference of a few percent.
 
     python bench/train_throughput.py --markdown
-    python bench/train_throughput.py --sizes shipped,shipped-grouped --rows 100000 --steps 25 \
+    python bench/train_throughput.py --sizes shipped,shipped-rows --rows 100000 --steps 25 \
         --threads 1,2 --eval-rows 0
     python bench/train_throughput.py --sizes small --rows 200000 --steps 60 --eval-rows 0
     python bench/train_throughput.py --sizes aliccp --threads 4 --device cuda
@@ -141,9 +142,9 @@ RECHUB_DIST = "torch-rechub"
 RECHUB_PINNED = "0.9.0"
 SMALL_MAX_VOCAB = 400_000
 SHIPPED_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "esmm_sim.yaml"
-SIZE_NAMES = ("small", "aliccp", "shipped", "shipped-grouped", "shipped-base",
+SIZE_NAMES = ("small", "aliccp", "shipped", "shipped-rows", "shipped-base",
               "shipped-attention", "zoo")
-DEFAULT_SIZES = ("shipped", "shipped-grouped", "shipped-base", "small", "aliccp")
+DEFAULT_SIZES = ("shipped", "shipped-rows", "shipped-base", "small", "aliccp")
 # The zoo size: ESMM over every backbone, torch-rechub's MMoE and PLE (bench/zoo_throughput.py
 # defines these runs; this script times them like the other sizes).
 ZOO_BACKBONES = ("none", "shared_bottom", "mmoe", "ple", "dbmtl", "aitm")
@@ -155,7 +156,7 @@ KINDS = ("esmm", "stream", "plain", "cut", "rechub", *ZOO_ESMM, *ZOO_RECHUB_KIND
 SIZE_KINDS = {"small": ("esmm", "stream", "plain", "rechub"),
               "aliccp": ("esmm", "stream", "plain", "rechub"),
               "shipped": ("esmm", "plain", "cut", "rechub"),
-              "shipped-grouped": ("esmm", "plain"), "shipped-base": ("esmm", "plain"),
+              "shipped-rows": ("esmm", "plain"), "shipped-base": ("esmm", "plain"),
               "shipped-attention": ("esmm",),
               "zoo": (*ZOO_ESMM, *ZOO_RECHUB_KINDS)}
 # shipped-attention: each user behaviour bag and the item field its ids describe.
@@ -204,8 +205,8 @@ def sim_preset(size: str) -> str:
 
 def shipped_overrides(size: str) -> list[str]:
     """``--set`` overrides of configs/esmm_sim.yaml for a shipped size: none for ``shipped``
-    (the config as is: rows shuffled, ESMM), users grouped in blocks of 64 rows, or BASE."""
-    return {"shipped": [], "shipped-grouped": ["train.shuffle_block=64"],
+    (the config as is: ESMM, blocks of 64 rows shuffled), single rows shuffled, or BASE."""
+    return {"shipped": [], "shipped-rows": ["train.shuffle_block=1"],
             "shipped-base": ["model.name=base"], "shipped-attention": []}[size]
 
 
@@ -934,13 +935,13 @@ def table_rows(size: str, threads: int, results: dict[str, dict[str, Any]],
 
 
 def grouping_rows(threads: int, details: dict[str, dict[str, Any]]) -> list[list[str]]:
-    """(a) of the shipped config over (a) with users grouped, when both ran."""
-    a, g = details.get("shipped", {}).get("esmm"), details.get("shipped-grouped", {}).get("esmm")
-    if not a or not g:
+    """(a) of the shipped config with single rows shuffled over (a) as shipped, when both ran."""
+    a, r = details.get("shipped", {}).get("esmm"), details.get("shipped-rows", {}).get("esmm")
+    if not a or not r:
         return []
-    return [["shipped", str(threads), "a / a(shipped-grouped)", *[""] * 6,
-             ratio(a, g, "end_to_end_rate"), ratio(a, g, "step_rate"), "",
-             ratio(a, g, "peak_rss_mib")]]
+    return [["shipped-rows", str(threads), "a(shipped-rows) / a", *[""] * 6,
+             ratio(r, a, "end_to_end_rate"), ratio(r, a, "step_rate"), "",
+             ratio(r, a, "peak_rss_mib")]]
 
 
 def attention_rows(threads: int, details: dict[str, dict[str, Any]]) -> list[list[str]]:
@@ -1047,6 +1048,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--eval-size", default="small",
                     choices=[s for s in SIZE_NAMES if "esmm" in SIZE_KINDS[s]],
                     help="the size whose model and preset the evaluation uses")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="runs of every kind, interleaved (a, b, ..., a, b, ...); the run with "
+                    "the median step rate is shown (on a shared machine two runs a minute "
+                    "apart can differ by a fifth)")
     ap.add_argument("--warmup", type=int, default=5, help="steps before timing starts")
     ap.add_argument("--window", type=int, default=10, help="steps per timed window")
     ap.add_argument("--seq-len", type=int, default=0,
@@ -1067,7 +1072,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ap.error(f"--threads: expected comma-separated integers, got {args.threads!r}")
     if not args.thread_list or min(args.thread_list) < 1:
         ap.error(f"--threads: expected positive integers, got {args.threads!r}")
-    for name in ("rows", "steps", "warmup", "window", "eval_rows"):
+    for name in ("rows", "steps", "warmup", "window", "eval_rows", "repeat"):
         value = getattr(args, name)
         if value is not None and value < (0 if name in ("warmup", "eval_rows") else 1):
             ap.error(f"--{name} must be positive")
@@ -1091,25 +1096,41 @@ def measure_sizes(args: argparse.Namespace, work: Path, threads: int, labels: di
             cut_dir = work / data_key(size) / "data-cut"
             if not (cut_dir / "train" / "users.parquet").is_file():
                 cut_bags(data_dir / "train", cut_dir / "train", lengths)
-        for kind in SIZE_KINDS[size]:
-            if "rechub" in kind and skip_rechub:
-                results[kind] = {"skipped": skip_rechub}
-                continue
-            run_dir = work / size / f"run-{kind}-{threads}"
-            shutil.rmtree(run_dir, ignore_errors=True)
-            run_dir.mkdir(parents=True)
-            on_cut = kind in ("cut", "rechub") and "cut" in SIZE_KINDS[size]
-            job = Job(kind=kind, size=size, data_dir=str(cut_dir if on_cut else data_dir),
-                      run_dir=str(run_dir), steps=args.steps, threads=threads,
-                      device=args.device, warmup=args.warmup, window=args.window,
-                      seq_len=args.seq_len, loader="stream" if kind == "stream" else "memory",
-                      bag_lengths=lengths if on_cut else {})
-            results[kind] = run_child(job)
+        runs: dict[str, list[dict[str, Any]]] = {}
+        for _ in range(args.repeat):
+            for kind in SIZE_KINDS[size]:
+                if "rechub" in kind and skip_rechub:
+                    runs[kind] = [{"skipped": skip_rechub}]
+                    continue
+                run_dir = work / size / f"run-{kind}-{threads}"
+                shutil.rmtree(run_dir, ignore_errors=True)
+                run_dir.mkdir(parents=True)
+                on_cut = kind in ("cut", "rechub") and "cut" in SIZE_KINDS[size]
+                job = Job(kind=kind, size=size, data_dir=str(cut_dir if on_cut else data_dir),
+                          run_dir=str(run_dir), steps=args.steps, threads=threads,
+                          device=args.device, warmup=args.warmup, window=args.window,
+                          seq_len=args.seq_len,
+                          loader="stream" if kind == "stream" else "memory",
+                          bag_lengths=lengths if on_cut else {})
+                runs.setdefault(kind, []).append(run_child(job))
+        results = {kind: median_run(r) for kind, r in runs.items()}
         rows += table_rows(size, threads, results, labels)
         phases += phase_rows(size, threads, results)
         details[size] = results
     return (rows + grouping_rows(threads, details) + attention_rows(threads, details), phases,
             details)
+
+
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Of repeated runs of one kind, the one with the median step rate (the lower middle of
+    an even count), with every step rate in ``repeat_rates``; a failed run is shown when
+    every run failed."""
+    ok = sorted((r for r in runs if "step_rate" in r), key=lambda r: r["step_rate"])
+    if not ok:
+        return runs[0]
+    pick = dict(ok[(len(ok) - 1) // 2])
+    pick["repeat_rates"] = [r.get("step_rate") for r in runs]
+    return pick
 
 
 def measure_evaluation(args: argparse.Namespace, work: Path, details: dict[str, Any]
@@ -1196,6 +1217,9 @@ def run_notes(args: argparse.Namespace, details: dict[str, dict[str, Any]], t_st
         "Load average (1, 5, 15 min) before: " + " ".join(f"{x:.2f}" for x in load_before)
         + "; after: " + " ".join(f"{x:.2f}" for x in load_after) + ".",
     ]
+    if args.repeat > 1:
+        notes.append(f"Every kind ran {args.repeat} times, interleaved; each row is the run with "
+                     "the median step rate.")
     if crowded:
         notes.append(crowded)
     for size, results in details.items():

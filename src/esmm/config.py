@@ -636,7 +636,9 @@ class TrainConfig(_Strict):
     sparse_optimizer: SparseOptimizerConfig = Field(default_factory=SparseOptimizerConfig)
     # numpy seeds must be >= 0; torch.manual_seed takes up to 64 bits.
     seed: int = Field(default=7, ge=0, le=2**63 - 1)
-    shuffle_block: int = Field(default=1, ge=1)
+    # Blocks of consecutive rows, shuffled: a user's impressions stay together, so their bags
+    # are embedded once per batch. No accuracy cost measured at 64 (docs/config.md).
+    shuffle_block: int = Field(default=64, ge=1)
     eval_every: int | None = Field(default=None, gt=0)
     eval_batch_size: int = Field(default=8192, gt=0)
     early_stop: EarlyStopConfig = Field(default_factory=EarlyStopConfig)
