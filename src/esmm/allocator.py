@@ -5,9 +5,8 @@ most 32 MiB) with a fresh ``mmap`` and unmaps it on free, and gives the top of i
 the kernel once more than 128 KiB of it is free. A training step allocates buffers of the same
 large sizes every step (a batch's gathered behaviour bags: ~13 MB for 2048 users of the
 ``aliccp`` preset; activations; sparse embedding gradients), so with those defaults every step
-writes to freshly mapped pages and pays a page fault per 4 KiB. Measured here: gathering four
-bag fields of 2048 users (~200 ids each) took 11.2 ms a batch with the defaults and 3.8 ms with
-the settings below; the effect on whole steps is in bench/train_throughput.py.
+writes to freshly mapped pages and pays a page fault per 4 KiB. bench/allocator.py measures
+whole training steps both ways (docs/config.md has the figures).
 
 :func:`keep_large_buffers` raises both thresholds, so such buffers come from the heap and are
 reused from step to step. Memory a process has freed then stays mapped (up to
