@@ -35,7 +35,7 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 
 MMAP_THRESHOLD = 256 << 20  # allocations below it come from the heap
-FALLBACK_MMAP_THRESHOLD = 32 << 20  # glibc before 2.35 refuses more than 32 MiB (64-bit)
+FALLBACK_MMAP_THRESHOLD = 32 << 20  # older glibc refuses more (half its 64 MiB heap, 64-bit)
 TRIM_THRESHOLD = 1 << 30  # free memory kept at the top of the heap before giving it back
 USER_KNOBS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_",
               "MALLOC_MMAP_MAX_", "GLIBC_TUNABLES")
