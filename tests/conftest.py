@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,18 @@ import pyarrow.parquet as pq
 import pytest
 
 from esmm.config import config_from_dict
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def subprocess_env() -> dict[str, str]:
+    """The environment of a child esmm or torchrun process: this checkout's sources, one thread
+    per process, and no distributed variables inherited from a launcher."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return env
 
 
 def make_rows(n: int, seed: int = 0, n_users: int = 300, n_items: int = 1500) -> dict:

@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
+from conftest import subprocess_env  # tests/ is on sys.path under pytest and as a script
 
 from esmm.config import config_from_dict
 from esmm.data.batches import batch_bounds, iter_batches, num_batches, rank_slice
@@ -30,25 +31,17 @@ from esmm.models import build_model
 from esmm.train import load_checkpoint, load_weights, train
 
 HERE = Path(__file__).resolve()
-SRC = HERE.parents[1] / "src"
-
-
-def _env() -> dict[str, str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    return env
 
 
 def _torchrun(nproc: int, *args: str, timeout: int = 240) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc-per-node={nproc}", *args]
-    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def _esmm(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "esmm", *args], env=_env(),
+    return subprocess.run([sys.executable, "-m", "esmm", *args], env=subprocess_env(),
                           capture_output=True, text=True, timeout=timeout)
 
 

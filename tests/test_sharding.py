@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import subprocess_env  # tests/ is on sys.path under pytest and as a script
 
 from esmm.checkpoint import load_checkpoint, load_model, load_weights
 from esmm.config import config_from_dict
@@ -34,7 +35,6 @@ from esmm.sharding import INSTALL, check_sharding, initial_state
 from esmm.train import Trainer, train
 
 HERE = Path(__file__).resolve()
-SRC = HERE.parents[1] / "src"
 
 try:
     import fbgemm_gpu  # noqa: F401
@@ -48,17 +48,9 @@ needs_torchrec = pytest.mark.skipif(
     not HAVE_TORCHREC, reason=f"the torchrec extra is not installed ({INSTALL})")
 
 
-def _env() -> dict[str, str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    return env
-
-
 def _run(*args: str, timeout: int = 300) -> None:
-    res = subprocess.run([sys.executable, *args], env=_env(), capture_output=True, text=True,
-                         timeout=timeout)
+    res = subprocess.run([sys.executable, *args], env=subprocess_env(), capture_output=True,
+                         text=True, timeout=timeout)
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
 
 
@@ -213,7 +205,7 @@ def test_a_killed_sharded_run_resumes_to_the_uninterrupted_weights(runs):
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                           "--nproc-per-node=2", str(HERE), "killed-run",
                           str(runs["row_wise.yaml"]), str(killed), "27"],
-                         env=_env(), capture_output=True, text=True, timeout=300)
+                         env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert res.returncode != 0
     assert _latest(killed)["step"] == 24  # the end of the first epoch
     _esmm_train(runs["row_wise.yaml"], killed, "--resume")
